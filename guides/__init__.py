@@ -1,0 +1,5 @@
+"""Pyro guides of vkd-pyro: the report-conditioned posterior q(z_T|x_T) (and no guide for image_only)."""
+
+from guides.ehr_posterior import EHRPosterior, NoGuide
+
+__all__ = ["EHRPosterior", "NoGuide"]

@@ -1,0 +1,54 @@
+"""The guide: the EHR posterior q(z_T | x_T), a diagonal Gaussian from an MLP on report features.
+
+It reads the report only: the frozen encoder's token states go through the one trainable
+Transformer block and pooling (`text_head`), then an MLP gives loc and scale. Site "z" is scaled by
+the KL weight beta exactly as in the model, so that the ELBO's z term is beta * (log p - log q).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from vkd_pyro.networks import GaussianMLP
+
+
+class EHRPosterior(nn.Module):
+    """q(z_T | x_T) = N(loc(x_T), diag scale(x_T)^2)."""
+
+    def __init__(self, text_head: nn.Module, z_dim: int = 512, hidden: Sequence[int] = (512, 512),
+                 dropout: float = 0.5):
+        super().__init__()
+        self.text_head = text_head
+        self.posterior_net = GaussianMLP(text_head.out_features, hidden, z_dim, dropout)
+
+    def posterior(self, token_states: torch.Tensor, token_mask: torch.Tensor) -> dist.Distribution:
+        """q(z_T | x_T) for a padded batch of frozen token states (B, T, H) and their mask (B, T)."""
+        loc, scale = self.posterior_net(self.text_head(token_states, token_mask))
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        token_states: Optional[torch.Tensor] = None,
+        token_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        label_mask: Optional[torch.Tensor] = None,
+        kl_weight: float = 1.0,
+    ) -> None:
+        posterior = self.posterior(token_states, token_mask)
+        with pyro.plate("data", token_states.shape[0]):
+            with poutine.scale(scale=kl_weight):
+                pyro.sample("z", posterior)
+
+
+class NoGuide(nn.Module):
+    """The guide of objective `image_only`: the model then has no latent site to guide."""
+
+    def forward(self, *args, **kwargs) -> None:
+        return None

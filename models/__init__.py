@@ -1,0 +1,5 @@
+"""Pyro models of vkd-pyro: the generative side of Eq. 8 (prior p(z_I|x_I) and classifiers)."""
+
+from models.vkd import VKDModel
+
+__all__ = ["VKDModel"]

@@ -1,0 +1,115 @@
+"""The VKD model: conditional prior p(z_I|x_I), classifier p(y|x_I, z_I) and the MI head q(y|z_T).
+
+Read together with `guides/ehr_posterior.py`. Under `Trace_ELBO` the pair gives minus Eq. 8 of the
+paper (summed over the batch instead of averaged; :class:`vkd_pyro.module.VKDModule` divides by it):
+
+    loss = - sum_n [ 1/M sum_m log p(y_n | x_I, z_I^(m))          site "image_log_lik"
+                     + 1/L sum_l log q(y_n | z_T^(l))              site "text_labels"   (L_MI)
+                     - beta * KL(q(z_T|x_T^n) || p(z_I|x_I^n)) ]   site "z", scaled by beta
+
+with z_I^(m) ~ p(z_I|x_I) drawn here by reparameterisation (hidden from the trace: it is not a
+latent site of the model) and z_T^(l) ~ q(z_T|x_T) drawn by the guide and replayed at site "z".
+At test time (`labels=None`) site "z" is sampled from the prior and "probs" records p(y=1|x_I, z_I):
+Algorithm 2, images alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from vkd_pyro.networks import GaussianMLP
+
+
+class VKDModel(nn.Module):
+    """p(z_I|x_I) p(y|x_I, z_I), with q(y|z_T) as an auxiliary likelihood (the MI bound, Eq. 6-7).
+
+    latent_from_guide: site "z" is in the training trace and replayed from the guide (objectives
+        `vkd`, `no_mi`). False for `image_only`: the model then has no latent site while training,
+        so that the loss is the classification term alone (no log p(z) without a guide).
+    mutual_information: add the observed site q(y|z_T) (objective `vkd`; off for `no_mi`).
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        num_classes: int,
+        z_dim: int = 512,
+        hidden: Sequence[int] = (512, 512),
+        dropout: float = 0.5,
+        prior_samples: int = 1,
+        latent_from_guide: bool = True,
+        mutual_information: bool = True,
+    ):
+        super().__init__()
+        if mutual_information and not latent_from_guide:
+            raise ValueError("the MI term scores the guide's z: it needs latent_from_guide")
+        self.image_encoder = image_encoder
+        features = image_encoder.out_features
+        self.prior_net = GaussianMLP(features, hidden, z_dim, dropout)
+        self.classifier = nn.Linear(z_dim + features, num_classes)  # p(y | x_I, z_I)
+        self.text_classifier = nn.Linear(z_dim, num_classes) if mutual_information else None  # q(y | z_T)
+        self.prior_samples = prior_samples
+        self.latent_from_guide = latent_from_guide
+
+    def prior(self, features: torch.Tensor) -> dist.Distribution:
+        """p(z_I | x_I) = N(loc(x_I), diag scale(x_I)^2), event shape (z_dim,)."""
+        loc, scale = self.prior_net(features)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def class_logits(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Logits of p(y|x_I, z_I) for z of shape (..., B, z_dim) and features (B, F)."""
+        features = features.expand(z.shape[:-1] + features.shape[-1:])
+        return self.classifier(torch.cat([z, features], dim=-1))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        token_states: Optional[torch.Tensor] = None,
+        token_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        label_mask: Optional[torch.Tensor] = None,
+        kl_weight: float = 1.0,
+    ):
+        """The model. It reads the image only; the report arguments are the guide's."""
+        return self.program(self.image_encoder(images), labels, label_mask, kl_weight)
+
+    def program(
+        self,
+        features: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        label_mask: Optional[torch.Tensor] = None,
+        kl_weight: float = 1.0,
+    ) -> None:
+        """The probabilistic program on image features x_I (B, F). label_mask (B, C) drops labels."""
+        prior = self.prior(features)
+        with pyro.plate("data", features.shape[0]):
+            if labels is None:  # Algorithm 2: z_I from the prior, then p(y | x_I, z_I)
+                z = pyro.sample("z", prior)
+                pyro.deterministic("probs", torch.sigmoid(self.class_logits(z, features)), event_dim=1)
+                return
+            if self.latent_from_guide:
+                with poutine.scale(scale=kl_weight):
+                    z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
+            # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
+            z_image = prior.rsample((self.prior_samples,))
+            log_lik = _bernoulli_log_prob(self.class_logits(z_image, features), labels, label_mask)
+            pyro.factor("image_log_lik", log_lik.mean(0))
+            if self.text_classifier is not None:  # L_MI: log q(y | z_T) at the guide's sample
+                likelihood = dist.Bernoulli(logits=self.text_classifier(z_text))
+                if label_mask is not None:
+                    likelihood = likelihood.mask(label_mask)
+                pyro.sample("text_labels", likelihood.to_event(1), obs=labels)
+
+
+def _bernoulli_log_prob(logits: torch.Tensor, labels: torch.Tensor, label_mask: Optional[torch.Tensor]):
+    """sum_c log Bernoulli(y_c | sigmoid(logit_c)), over the classes that label_mask keeps."""
+    log_prob = dist.Bernoulli(logits=logits).log_prob(labels.expand(logits.shape))
+    if label_mask is not None:
+        log_prob = log_prob * label_mask
+    return log_prob.sum(-1)

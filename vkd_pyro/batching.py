@@ -1,0 +1,71 @@
+"""Batches: what a data split yields and how items are collated (with padded report token states)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vkd_pyro.encoders.text import pad_token_states
+
+
+@dataclass
+class Batch:
+    """A mini-batch: images (B,1,H,W) in [0,1], labels (B,C) in {0,1}, optional report token states
+    (B,T,H) with their mask (B,T), an optional label mask (B,C) and the dataset indices (B,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    token_states: Optional[torch.Tensor] = None
+    token_mask: Optional[torch.Tensor] = None
+    label_mask: Optional[torch.Tensor] = None
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items() if v is not None})
+
+
+class PairedSplit(Dataset):
+    """One split of a dataset: its records' image, labels and (when given) frozen report states.
+
+    `base[i]` is a torchxrayvision-style dict with "img" (1,H,W) and "lab" (C,); `token_states[i]`,
+    when given, is the frozen encoder's (n_tokens, H) output for record i's report.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], token_states: Optional[Sequence[torch.Tensor]] = None):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.token_states = token_states
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        idx = int(self.indices[i])
+        item = dict(self.base[idx])
+        if self.token_states is not None:
+            item["token_states"] = self.token_states[idx]
+        return item
+
+
+def collate(items: Sequence[dict]) -> Batch:
+    """Stack records into a :class:`Batch`; report states are zero-padded to the longest."""
+    images = torch.stack([torch.as_tensor(it["img"], dtype=torch.float32) for it in items])
+    labels = torch.stack([torch.as_tensor(it["lab"], dtype=torch.float32) for it in items])
+    index = torch.tensor([int(it["idx"]) for it in items])
+    label_mask = None
+    if "lab_mask" in items[0]:
+        label_mask = torch.stack([torch.as_tensor(it["lab_mask"], dtype=torch.float32) for it in items])
+    token_states = token_mask = None
+    if "token_states" in items[0]:
+        token_states, token_mask = pad_token_states([it["token_states"] for it in items])
+    return Batch(images=images, labels=labels, index=index, token_states=token_states,
+                 token_mask=token_mask, label_mask=label_mask)

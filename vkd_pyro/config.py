@@ -1,0 +1,272 @@
+"""The run configuration: typed defaults, YAML loading, dotted overrides and validation.
+
+A config file is YAML with the sections below; any key left out keeps its default. Every mistake
+(an unknown key, a wrong type, a value out of range) raises :class:`ConfigError` with one line that
+names the file and the dotted key, which the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from vkd_pyro.errors import ConfigError
+
+
+def _check(predicate, message):
+    return {"check": (predicate, message)}
+
+
+_POSITIVE = _check(lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+_PROBABILITY = _check(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_HALF_OPEN_PROBABILITY = _check(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+
+def _one_of(*choices):
+    return _check(lambda v: v in choices, "must be one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how its records become (image, report, labels)."""
+
+    name: str = field(default="openi_phantom", metadata=_one_of("openi_phantom"))
+    root: Optional[str] = None  # openi_phantom: the report archive; None = torchxrayvision's copy
+    image_size: int = field(default=64, metadata=_check(lambda v: v >= 16, "must be >= 16"))
+    signal: float = field(default=1.0, metadata=_NON_NEGATIVE)  # how visible rendered findings are
+    include_indication: bool = False  # prepend the INDICATION section to FINDINGS + IMPRESSION
+    split: list[float] = field(
+        default_factory=lambda: [0.7, 0.1, 0.2],
+        metadata=_check(lambda v: len(v) == 3 and min(v) > 0 and abs(sum(v) - 1) < 1e-6,
+                        "must be three positive fractions (train, validation, test) summing to 1"),
+    )
+    split_seed: int = 0  # the split is by report and does not change with the training seed
+    max_reports: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 10, "must be >= 10"))
+    num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """The image backbone that maps a grayscale radiograph x_I to features."""
+
+    name: str = "small_cnn"  # densenet121 | small_cnn
+    weights: str = "none"  # none | imagenet | xrv | path to a state dict
+    out_features: int = field(default=256, metadata=_POSITIVE)  # small_cnn only
+    width: int = field(default=16, metadata=_POSITIVE)  # small_cnn only: channels of the first block
+
+
+@dataclass
+class TextEncoderConfig:
+    """The frozen BERT-family report encoder and the one trainable Transformer block on top."""
+
+    name: str = "all-MiniLM-L6-v2"  # packaged stand-in for ClinicalBERT; a hub id or a local folder
+    max_tokens: int = field(default=256, metadata=_check(lambda v: v >= 2, "must be >= 2"))
+    pooling: str = field(default="cls", metadata=_one_of("cls", "mean"))
+    dropout: float = field(default=0.1, metadata=_HALF_OPEN_PROBABILITY)
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the latent code and of the MLPs of the prior p(z_I|x_I) and posterior q(z_T|x_T)."""
+
+    z_dim: int = field(default=512, metadata=_POSITIVE)
+    hidden: list[int] = field(default_factory=lambda: [512, 512],
+                              metadata=_check(lambda v: all(h > 0 for h in v), "must be positive sizes"))
+    dropout: float = field(default=0.5, metadata=_HALF_OPEN_PROBABILITY)
+
+
+@dataclass
+class AnnealingConfig:
+    """The KL weight beta_t: Eq. 9's cyclical schedule, or a constant."""
+
+    schedule: str = field(default="cyclical", metadata=_one_of("cyclical", "constant"))
+    R: float = field(default=0.5, metadata=_check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
+    C: int = field(default=4, metadata=_POSITIVE)  # cycles per epoch
+    beta: float = field(default=1.0, metadata=_NON_NEGATIVE)  # the constant schedule's value
+
+
+@dataclass
+class InferenceConfig:
+    """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts."""
+
+    objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only"))
+    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
+    num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
+    prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
+    test_samples: int = field(default=16, metadata=_POSITIVE)  # S: prior samples at test time
+    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+
+
+@dataclass
+class TrainConfig:
+    """SVI with Adam on mini-batches, early stopping on validation macro AUC."""
+
+    batch_size: int = field(default=64, metadata=_POSITIVE)
+    eval_batch_size: int = field(default=256, metadata=_POSITIVE)
+    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    max_epochs: int = field(default=30, metadata=_POSITIVE)
+    patience: int = field(default=3, metadata=_POSITIVE)  # epochs without a >tolerance improvement
+    tolerance: float = field(default=0.01, metadata=_NON_NEGATIVE)  # the paper's 1%, relative
+    progress: bool = True  # a tqdm bar with the ELBO terms
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 0
+    device: str = field(default="cpu", metadata=_one_of("auto", "cpu", "cuda"))
+    cache_dir: Optional[str] = None  # None = $VKD_PYRO_CACHE or ~/.cache/vkd-pyro
+    data: DataConfig = field(default_factory=DataConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_cache_dir(self) -> Path:
+        """Where rendered images and frozen text features are cached."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("VKD_PYRO_CACHE", "~/.cache/vkd-pyro")).expanduser()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    if _is_optional(tp):
+        return _type_name(_optional_arg(tp)) + " or null"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _optional_arg(tp):
+    return next(a for a in typing.get_args(tp) if a is not type(None))
+
+
+def _coerce(value: Any, tp, where: str):
+    """`value` as type `tp`, or ConfigError naming `where`. Ints pass as floats; numeric strings as numbers."""
+    if _is_optional(tp):
+        return None if value is None else _coerce(value, _optional_arg(tp), where)
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, values: dict, where: str):
+    """An instance of dataclass `cls` from a (partial) mapping, validating every key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(fields)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+            continue
+        value = _coerce(value, tp, dotted)
+        check = fields[key].metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            raise ConfigError(f"{dotted}: {value!r} {check[1]}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` -> ("key.sub", value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides are written key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{text}: overrides are written key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def config_from_dict(values: dict, source: str = "config", overrides: typing.Sequence[str] = ()) -> Config:
+    """A validated Config from a mapping (as read from YAML) and dotted overrides."""
+    tree = dict(values or {})
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config file (or the defaults when `path` is None) and apply dotted overrides."""
+    if path is None:
+        return config_from_dict({}, "defaults", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return config_from_dict(values, str(path), overrides)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (what `train` puts in the run folder)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

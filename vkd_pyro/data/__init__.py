@@ -1,0 +1,1 @@
+"""Datasets: report parsing, labels, the rendered phantom radiographs and splits."""

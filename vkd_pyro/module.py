@@ -1,0 +1,49 @@
+"""The probabilistic module: a Pyro model, its guide and the ELBO, as one `nn.Module`.
+
+The one place that maps a batch to the model's and guide's arguments (:meth:`VKDModule.batch_args`),
+the training loss (:meth:`VKDModule.forward`, minus Eq. 8 per example) and Algorithm 2 through
+`pyro.infer.Predictive` (:meth:`VKDModule.predict`). The training loop lives in `vkd_pyro.train`.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer import Predictive
+from torch import nn
+
+from vkd_pyro.batching import Batch
+from vkd_pyro.objective import ObjectiveTerms, make_elbo, terms_from_sums
+
+
+class VKDModule(nn.Module):
+    """model + guide + ELBO estimator (`elbo`: trace | meanfield, with L = num_particles)."""
+
+    def __init__(self, model: nn.Module, guide: nn.Module, elbo: str = "trace", num_particles: int = 1):
+        super().__init__()
+        self.model = model
+        self.guide = guide
+        self.elbo = make_elbo(elbo, num_particles)
+
+    @staticmethod
+    def batch_args(batch: Batch, kl_weight: float = 1.0) -> tuple[tuple, dict]:
+        """(args, kwargs) for model and guide: they share one signature, each reads its part."""
+        args = (batch.images, batch.token_states, batch.token_mask)
+        kwargs = {"labels": batch.labels, "label_mask": batch.label_mask, "kl_weight": kl_weight}
+        return args, kwargs
+
+    def forward(self, batch: Batch, kl_weight: float = 1.0) -> tuple[torch.Tensor, ObjectiveTerms]:
+        """The differentiable loss, minus Eq. 8 averaged over the batch, and its terms."""
+        args, kwargs = self.batch_args(batch, kl_weight)
+        loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs) / batch.size
+        return loss, terms_from_sums(loss * batch.size, self.elbo.sums, batch.size, kl_weight)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Algorithm 2: p(y=1 | x_I, z_I^(s)) for S prior samples z_I^(s), shape (S, B, C).
+
+        Images alone: the guide is not used. Call `eval()` first to switch dropout off.
+        """
+        features = self.model.image_encoder(images)
+        predictive = Predictive(self.model.program, num_samples=num_samples, return_sites=("probs",),
+                                parallel=True)
+        return predictive(features)["probs"].reshape(num_samples, images.shape[0], -1)
