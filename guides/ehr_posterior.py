@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from vkd_pyro.networks import GaussianMLP
+from vkd_pyro.schedules import kl_weighted
 
 
 class EHRPosterior(nn.Module):
@@ -43,7 +43,7 @@ class EHRPosterior(nn.Module):
     ) -> None:
         posterior = self.posterior(token_states, token_mask)
         with pyro.plate("data", token_states.shape[0]):
-            with poutine.scale(scale=kl_weight):
+            with kl_weighted(kl_weight):
                 pyro.sample("z", posterior)
 
 

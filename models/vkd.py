@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from vkd_pyro.networks import GaussianMLP
+from vkd_pyro.schedules import kl_weighted
 
 
 class VKDModel(nn.Module):
@@ -94,7 +94,7 @@ class VKDModel(nn.Module):
                 pyro.deterministic("probs", torch.sigmoid(self.class_logits(z, features)), event_dim=1)
                 return
             if self.latent_from_guide:
-                with poutine.scale(scale=kl_weight):
+                with kl_weighted(kl_weight):
                     z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
             # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
             z_image = prior.rsample((self.prior_samples,))

@@ -88,6 +88,16 @@ def test_vkd_loss_is_minus_eq8_with_beta_on_kl_only():
     assert (terms.loss - terms.image_nll - terms.text_nll) / beta == pytest.approx(hand["kl_qp"].mean().item(), abs=0.1)
 
 
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_zero_kl_weight_removes_the_kl_term_exactly(elbo):
+    module, batch = make_module(L=3, M=2, elbo=elbo), make_batch()
+    loss, terms = module(batch, 0.0)
+    assert terms.loss == pytest.approx(terms.image_nll + terms.text_nll, abs=1e-6)
+    assert terms.kl > 0  # still recorded, unweighted
+    loss.backward()
+    assert module.guide.posterior_net.head.weight.grad.abs().sum() > 0  # through the MI term
+
+
 def make_asymmetric(module):
     """Give the prior a narrow scale and the posterior a wide one, so KL(q||p) != KL(p||q)."""
     with torch.no_grad():

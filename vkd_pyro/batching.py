@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from vkd_pyro.encoders.text import pad_token_states
 
@@ -48,6 +48,12 @@ class PairedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def token_lengths(self) -> Optional[list[int]]:
+        """The report length (tokens) of each record of the split, or None without reports."""
+        if self.token_states is None:
+            return None
+        return [int(self.token_states[int(i)].shape[0]) for i in self.indices]
+
     def __getitem__(self, i: int) -> dict:
         idx = int(self.indices[i])
         item = dict(self.base[idx])
@@ -69,3 +75,37 @@ def collate(items: Sequence[dict]) -> Batch:
         token_states, token_mask = pad_token_states([it["token_states"] for it in items])
     return Batch(images=images, labels=labels, index=index, token_states=token_states,
                  token_mask=token_mask, label_mask=label_mask)
+
+
+class LengthBucketSampler(Sampler):
+    """Shuffled mini-batches of records of similar report length, so that padding stays small.
+
+    Each epoch: a random permutation (from `generator`), cut into pools of `pool` batches; each pool
+    is sorted by length and cut into batches; the batches are then shuffled. Every record appears
+    exactly once an epoch; the last batch of a pool may be smaller.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, pool: int = 32):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.pool = pool
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).numpy()
+        batches = []
+        step = self.batch_size * self.pool
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        shuffle = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.pool
+        full, rest = divmod(len(self.lengths), step)
+        return full * self.pool + -(-rest // self.batch_size)

@@ -71,6 +71,11 @@ class TextEncoderConfig:
     max_tokens: int = field(default=256, metadata=_check(lambda v: v >= 2, "must be >= 2"))
     pooling: str = field(default="cls", metadata=_one_of("cls", "mean"))
     dropout: float = field(default=0.1, metadata=_HALF_OPEN_PROBABILITY)
+    # The trainable block's width, heads and feed-forward width; null = those of the encoder's own
+    # layers (the paper). A narrower block (a linear projection first) makes CPU runs fast.
+    block_width: Optional[int] = field(default=None, metadata=_check(lambda v: v > 0, "must be > 0"))
+    block_heads: Optional[int] = field(default=None, metadata=_check(lambda v: v > 0, "must be > 0"))
+    block_ffn: Optional[int] = field(default=None, metadata=_check(lambda v: v > 0, "must be > 0"))
 
 
 @dataclass

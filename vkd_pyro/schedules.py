@@ -11,7 +11,21 @@ from __future__ import annotations
 
 import math
 
+from pyro import poutine
+
 from vkd_pyro.config import AnnealingConfig
+
+
+def kl_weighted(beta: float):
+    """The handler that weights site "z" by beta in model and guide: beta * (log p - log q).
+
+    `poutine.scale` for beta > 0; at beta = 0 (the start of each cycle of Eq. 9), where Pyro's
+    scale refuses 0, `poutine.mask(mask=False)`: the site still draws z (and the MI term still sees
+    it) but contributes nothing to the ELBO, which is exactly the weight 0.
+    """
+    if beta < 0:
+        raise ValueError(f"the KL weight must be >= 0, got {beta}")
+    return poutine.scale(scale=beta) if beta > 0 else poutine.mask(mask=False)
 
 
 def cyclical_beta(t: int, T: int, C: int = 4, R: float = 0.5) -> float:

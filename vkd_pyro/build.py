@@ -1,0 +1,53 @@
+"""Build the probabilistic module a config describes: image encoder, model, guide, ELBO."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from guides import EHRPosterior, NoGuide
+from models import VKDModel
+from vkd_pyro.classes import NUM_CLASSES
+from vkd_pyro.config import Config
+from vkd_pyro.encoders.image import build_image_encoder
+from vkd_pyro.encoders.text import TextHead
+from vkd_pyro.errors import UserError
+from vkd_pyro.module import VKDModule
+
+
+def uses_reports(config: Config) -> bool:
+    """Whether the objective reads the reports (a guide): `vkd` and `no_mi` do, `image_only` not."""
+    return config.inference.objective != "image_only"
+
+
+def text_dims(encoder) -> dict:
+    """The sizes of one Transformer block of the frozen text encoder, for the trainable TextHead."""
+    return {"hidden_size": encoder.hidden_size, "num_heads": encoder.num_attention_heads,
+            "intermediate_size": encoder.intermediate_size}
+
+
+def build_text_head(config: Config, dims: dict) -> TextHead:
+    """The one trainable Transformer block (and pooling) over the frozen encoder's token states."""
+    text = config.text_encoder
+    width = text.block_width or dims["hidden_size"]
+    heads = text.block_heads or (dims["num_heads"] if width == dims["hidden_size"] else max(1, width // 32))
+    ffn = text.block_ffn or dims["intermediate_size"] * width // dims["hidden_size"]
+    if width % heads:
+        raise UserError(f"text_encoder.block_heads: {heads} heads do not divide the block width {width}")
+    return TextHead(width, heads, ffn, dropout=text.dropout, pooling=text.pooling, input_size=dims["hidden_size"])
+
+
+def build_module(config: Config, dims: Optional[dict] = None) -> VKDModule:
+    """The VKD module of `config`. `dims` (see :func:`text_dims`) are needed when reports are used."""
+    enc = config.image_encoder
+    options = {"width": enc.width, "out_features": enc.out_features} if enc.name == "small_cnn" else {}
+    image_encoder = build_image_encoder(enc.name, enc.weights, **options)
+    objective, m = config.inference.objective, config.model
+    model = VKDModel(image_encoder, NUM_CLASSES, z_dim=m.z_dim, hidden=m.hidden, dropout=m.dropout,
+                     prior_samples=config.inference.prior_samples,
+                     latent_from_guide=uses_reports(config), mutual_information=objective == "vkd")
+    if uses_reports(config):
+        head = build_text_head(config, dims)
+        guide = EHRPosterior(head, z_dim=m.z_dim, hidden=m.hidden, dropout=m.dropout)
+    else:
+        guide = NoGuide()
+    return VKDModule(model, guide, elbo=config.inference.elbo, num_particles=config.inference.num_particles)

@@ -1,0 +1,143 @@
+"""The `vkd-pyro` command line: train, evaluate, predict, render.
+
+A user mistake (a bad config key or value, a missing file, a bad record) prints one line,
+`vkd-pyro: error: ...`, and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vkd_pyro.errors import UserError
+
+DESCRIPTION = (
+    "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
+    "X-rays paired with reports, diagnose from the X-ray alone."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vkd-pyro", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model and evaluate it on the test split",
+                                description="Train with SVI (minus Eq. 8), keep the best validation "
+                                "checkpoint, then evaluate on the test split from images alone.")
+    train.add_argument("--config", required=True, help="YAML config file (e.g. configs/demo.yaml)")
+    train.add_argument("--out", default=None, help="run folder (default runs/<config name>-<objective>-seed<seed>)")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="recompute metrics.json of a run from its checkpoint",
+                                   description="Evaluate a trained run from images alone (Algorithm 2).")
+    evaluate.add_argument("--run", required=True, help="run folder written by train")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+
+    predict = commands.add_parser("predict", help="class probabilities for image files, from the image alone",
+                                  description="Per-class probability (mean over S prior samples) and its "
+                                  "Monte Carlo spread for each image.")
+    predict.add_argument("--run", required=True, help="run folder written by train")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    predict.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    render = commands.add_parser("render", help="write a contact sheet of a dataset's images with their labels")
+    render.add_argument("--config", required=True, help="YAML config file")
+    render.add_argument("--out", required=True, help="PNG file to write")
+    render.add_argument("--count", type=int, default=24, help="how many records (default 24)")
+    render.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    return parser
+
+
+def _positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name}: must be >= 1, got {value}")
+
+
+def _cmd_train(args) -> None:
+    from vkd_pyro.config import load_config
+    from vkd_pyro.train import fit
+
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.inference.objective}-seed{config.seed}"
+    fit(config, out, progress=False if args.no_progress else None)
+
+
+def _cmd_evaluate(args) -> None:
+    from vkd_pyro.runs import load_run
+    from vkd_pyro.train import prepare_data, report
+
+    _positive(args.samples, "--samples")
+    run = load_run(args.run)
+    data = prepare_data(run.config, with_reports=False)
+    samples = args.samples or run.config.inference.test_samples
+    report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
+           {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc")})
+
+
+def _cmd_predict(args) -> None:
+    from vkd_pyro.classes import CLASSES
+    from vkd_pyro.runs import load_images, load_run
+
+    _positive(args.samples, "--samples")
+    run = load_run(args.run)
+    images = load_images(args.images, run.config.data.image_size).to(run.device)
+    samples = args.samples or run.config.inference.test_samples
+    run.module.eval()
+    probs = run.module.predict(images, samples)
+    mean, std = probs.mean(0).cpu(), probs.std(0, unbiased=False).cpu()
+    if args.json:
+        out = [{"image": path, "probability": dict(zip(CLASSES, map(float, mean[i]))),
+                "std": dict(zip(CLASSES, map(float, std[i])))} for i, path in enumerate(args.images)]
+        print(json.dumps(out, indent=2))
+        return
+    for i, path in enumerate(args.images):
+        print(f"{path}  (S={samples} prior samples; probability ± Monte Carlo std)")
+        for c, name in enumerate(CLASSES):
+            print(f"  {name:28s} {mean[i, c]:.3f} ± {std[i, c]:.3f}")
+
+
+def _cmd_render(args) -> None:
+    from vkd_pyro.classes import CLASSES
+    from vkd_pyro.config import load_config
+    from vkd_pyro.data.phantom import contact_sheet
+    from vkd_pyro.data.registry import build_dataset
+
+    _positive(args.count, "--count")
+    config = load_config(args.config, args.overrides)
+    if config.data.max_reports is None:  # render only what the sheet shows
+        config.data.max_reports = max(args.count, 10)
+    dataset = build_dataset(config)
+    count = min(args.count, len(dataset))
+    titles = []
+    for i in range(count):
+        names = [CLASSES[c] for c in dataset.labels[i].nonzero()[0]]
+        titles.append(f"{dataset.groups[i]}: " + (", ".join(names) or "(no label)"))
+    contact_sheet([dataset.images[i] for i in range(count)], titles, args.out)
+    print(f"wrote {args.out}: {count} {config.data.name} images at {config.data.image_size} px, signal {config.data.signal}")
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "render": _cmd_render}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"vkd-pyro: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vkd-pyro: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`openi_phantom`: the real OpenI reports, each paired with a rendered frontal phantom radiograph.
+
+Records are the 3,955 reports of OpenI's `NLMCXR_reports.tgz` (the copy torchxrayvision ships, or
+`data.root`); those with neither FINDINGS nor IMPRESSION are left out and counted. Labels are the
+14 CheXpert classes derived from each report's MeSH major terms (`vkd_pyro.data.labels`); the image
+is rendered from the same terms (`vkd_pyro.data.phantom`) and cached on disk, keyed by the renderer
+version, size, signal and the reports' terms. Items follow torchxrayvision's dataset convention:
+a dict with "idx", "img" (1, H, W) float in [0, 1], "lab" (14,) and the report "text".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.data.labels import findings_of, label_vector
+from vkd_pyro.data.openi_reports import Report, read_reports
+from vkd_pyro.data.phantom import RENDERER_VERSION, render_phantom
+
+
+def _render_one(job: tuple) -> np.ndarray:
+    uid, findings, size, signal = job
+    return render_phantom(uid, findings, size=size, signal=signal)
+
+
+def render_reports(reports: list[Report], size: int, signal: float, workers: int = 1) -> np.ndarray:
+    """Phantom radiographs (N, size, size) uint8 for `reports`, rendered from their MeSH terms."""
+    jobs = [(r.uid, findings_of(r.major), size, signal) for r in reports]
+    if workers > 1 and len(jobs) >= 256:
+        with get_context("fork").Pool(workers) as pool:
+            images = pool.map(_render_one, jobs, chunksize=64)
+    else:
+        images = [_render_one(job) for job in jobs]
+    return np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+
+
+class OpenIPhantomDataset(Dataset):
+    """OpenI reports with rendered phantom radiographs (see the module docstring)."""
+
+    pathologies = list(CLASSES)
+
+    def __init__(self, root: Optional[str] = None, image_size: int = 64, signal: float = 1.0,
+                 include_indication: bool = False, max_reports: Optional[int] = None,
+                 cache_dir: Optional[os.PathLike] = None, render_workers: int = 2):
+        reports = read_reports(root)
+        kept = [r for r in reports if r.has_text]
+        self.skipped = {"no FINDINGS or IMPRESSION text": len(reports) - len(kept)}
+        if max_reports is not None:
+            kept = kept[:max_reports]
+        self.reports = kept
+        self.texts = [r.text(include_indication) for r in kept]
+        self.groups = [r.uid for r in kept]
+        self.labels = np.stack([label_vector(r.major) for r in kept]).astype(np.float32)
+        self.csv = pd.DataFrame({"uid": self.groups, "text": self.texts,
+                                 "mesh_major": ["; ".join(map(str, r.major)) for r in kept]})
+        self.image_size, self.signal = image_size, signal
+        self.images = self._cached_images(cache_dir, render_workers)
+
+    def _cached_images(self, cache_dir, workers) -> np.ndarray:
+        key = hashlib.sha256(repr((RENDERER_VERSION, self.image_size, self.signal,
+                                   [(r.uid, tuple(map(str, r.major))) for r in self.reports])).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / "phantom" / f"{key}.npy" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            images = np.load(path)
+            if images.shape == (len(self.reports), self.image_size, self.image_size):
+                return images
+        images = render_reports(self.reports, self.image_size, self.signal, workers)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, images)
+            os.replace(tmp, path)
+        return images
+
+    def __len__(self) -> int:
+        return len(self.reports)
+
+    def __getitem__(self, idx: int) -> dict:
+        img = torch.from_numpy(self.images[idx]).float().div_(255.0).unsqueeze(0)
+        return {"idx": idx, "img": img, "lab": torch.from_numpy(self.labels[idx])}

@@ -1,0 +1,18 @@
+"""Datasets by `data.name`: each gives a torchxrayvision-style dataset with report texts and groups."""
+
+from __future__ import annotations
+
+from vkd_pyro.config import Config
+
+
+def build_dataset(config: Config):
+    """The dataset a config names. It has `labels` (N, 14), `texts` (N reports), `groups` (the unit
+    a split keeps together) and `skipped` (records left out, by reason)."""
+    data = config.data
+    if data.name == "openi_phantom":
+        from vkd_pyro.data.openi_phantom import OpenIPhantomDataset
+
+        return OpenIPhantomDataset(root=data.root, image_size=data.image_size, signal=data.signal,
+                                   include_indication=data.include_indication, max_reports=data.max_reports,
+                                   cache_dir=config.resolved_cache_dir())
+    raise AssertionError(f"unknown dataset {data.name}")  # the config validator lists the known names

