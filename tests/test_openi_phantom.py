@@ -1,0 +1,52 @@
+"""The embedded openi_phantom dataset: real reports, their labels, rendered and cached images."""
+
+import numpy as np
+import pytest
+import torch
+
+import vkd_pyro.data.openi_phantom as op
+from vkd_pyro.data.labels import label_vector
+from vkd_pyro.data.openi_reports import read_reports
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return op.OpenIPhantomDataset(image_size=32, max_reports=40, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_reports_without_text_are_counted_and_left_out(dataset):
+    assert dataset.skipped == {"no FINDINGS or IMPRESSION text": 28}
+    assert all(text.strip() for text in dataset.texts)
+    assert len(dataset) == 40 and len(set(dataset.groups)) == 40
+
+
+def test_items_follow_the_torchxrayvision_convention(dataset):
+    item = dataset[3]
+    assert item["idx"] == 3 and item["img"].shape == (1, 32, 32) and item["img"].dtype == torch.float32
+    assert 0.0 <= item["img"].min() and item["img"].max() <= 1.0
+    assert item["lab"].shape == (14,)
+    report = dataset.reports[3]
+    assert np.array_equal(item["lab"].numpy(), label_vector(report.major))
+    assert report.text() == dataset.texts[3]
+
+
+def test_text_is_findings_and_impression_with_optional_indication():
+    report = next(r for r in read_reports() if r.uid == "CXR1")
+    assert report.text().startswith("The cardiac silhouette") and report.text().endswith("Normal chest x-XXXX.")
+    assert report.text(include_indication=True).startswith("Positive TB test The cardiac")
+
+
+def test_images_are_cached_and_deterministic(dataset, tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    first = op.OpenIPhantomDataset(image_size=32, max_reports=40, cache_dir=cache)
+    assert np.array_equal(first.images, dataset.images)  # same reports, same pixels
+    monkeypatch.setattr(op, "render_reports", lambda *a, **k: pytest.fail("rendered again despite the cache"))
+    again = op.OpenIPhantomDataset(image_size=32, max_reports=40, cache_dir=cache)
+    assert np.array_equal(again.images, first.images)
+
+
+def test_signal_changes_the_images_of_reports_with_findings(tmp_path):
+    strong = op.OpenIPhantomDataset(image_size=32, max_reports=20, signal=1.0, cache_dir=tmp_path)
+    none = op.OpenIPhantomDataset(image_size=32, max_reports=20, signal=0.0, cache_dir=tmp_path)
+    abnormal = [i for i, r in enumerate(strong.reports) if strong.labels[i, 1:].sum() > 0]
+    assert abnormal and any(not np.array_equal(strong.images[i], none.images[i]) for i in abnormal)
