@@ -1,8 +1,10 @@
-"""The guide: the EHR posterior q(z_T | x_T), a diagonal Gaussian from an MLP on report features.
+"""The guide: the EHR posterior q(z_T | x_T), a distribution from a network on report features.
 
 It reads the report only: the frozen encoder's token states go through the one trainable
-Transformer block and pooling (`text_head`), then an MLP gives loc and scale. Site "z" is scaled by
-the KL weight beta exactly as in the model, so that the ELBO's z term is beta * (log p - log q).
+Transformer block and pooling (`text_head`), then the posterior network (`posterior_net`, a family
+of `guides.posteriors`; the paper's diagonal Gaussian by default) gives q(z_T | x_T). Site "z" is
+scaled by the KL weight beta exactly as in the model, so that the ELBO's z term is
+beta * (log p - log q).
 """
 
 from __future__ import annotations
@@ -14,23 +16,27 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import GaussianMLP
+from guides.posteriors import DiagonalNormalPosterior
 from vkd_pyro.schedules import kl_weighted
 
 
 class EHRPosterior(nn.Module):
-    """q(z_T | x_T) = N(loc(x_T), diag scale(x_T)^2)."""
+    """q(z_T | x_T) = posterior_net(text_head(x_T)).
+
+    posterior_net: maps the pooled report features (B, H) to q(z_T | x_T) (`vkd_pyro.families`);
+    None: the paper's N(loc(x_T), diag scale(x_T)^2) from an MLP with `hidden` sizes and `dropout`.
+    """
 
     def __init__(self, text_head: nn.Module, z_dim: int = 512, hidden: Sequence[int] = (512, 512),
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, posterior_net: Optional[nn.Module] = None):
         super().__init__()
         self.text_head = text_head
-        self.posterior_net = GaussianMLP(text_head.out_features, hidden, z_dim, dropout)
+        self.posterior_net = (DiagonalNormalPosterior(text_head.out_features, z_dim, hidden, dropout)
+                              if posterior_net is None else posterior_net)
 
     def posterior(self, token_states: torch.Tensor, token_mask: torch.Tensor) -> dist.Distribution:
         """q(z_T | x_T) for a padded batch of frozen token states (B, T, H) and their mask (B, T)."""
-        loc, scale = self.posterior_net(self.text_head(token_states, token_mask))
-        return dist.Normal(loc, scale).to_event(1)
+        return self.posterior_net(self.text_head(token_states, token_mask))
 
     def forward(
         self,

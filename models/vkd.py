@@ -7,8 +7,9 @@ paper (summed over the batch instead of averaged; :class:`vkd_pyro.module.VKDMod
                      + 1/L sum_l log q(y_n | z_T^(l))              site "text_labels"   (L_MI)
                      - beta * KL(q(z_T|x_T^n) || p(z_I|x_I^n)) ]   site "z", scaled by beta
 
-with z_I^(m) ~ p(z_I|x_I) drawn here by reparameterisation (hidden from the trace: it is not a
-latent site of the model) and z_T^(l) ~ q(z_T|x_T) drawn by the guide and replayed at site "z".
+with z_I^(m) ~ p(z_I|x_I) drawn here (hidden from the trace: it is not a latent site of the model),
+by reparameterisation where the prior has it (`vkd_pyro.prior_draws` otherwise), and
+z_T^(l) ~ q(z_T|x_T) drawn by the guide and replayed at site "z".
 At test time (`labels=None`) site "z" is sampled from the prior and "probs" records p(y=1|x_I, z_I):
 Algorithm 2, images alone.
 """
@@ -22,7 +23,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import GaussianMLP
+from models.priors import DiagonalNormalPrior
+from vkd_pyro.prior_draws import draw, monte_carlo_mean
 from vkd_pyro.schedules import kl_weighted
 
 
@@ -33,6 +35,9 @@ class VKDModel(nn.Module):
         `vkd`, `no_mi`). False for `image_only`: the model then has no latent site while training,
         so that the loss is the classification term alone (no log p(z) without a guide).
     mutual_information: add the observed site q(y|z_T) (objective `vkd`; off for `no_mi`).
+    prior_net: the conditional prior, a module that maps image features (B, F) to p(z_I|x_I) (a family
+        of `models.priors` or any module with that interface, `vkd_pyro.families`); None: the paper's
+        diagonal Normal from an MLP with `hidden` sizes and `dropout`.
     """
 
     def __init__(
@@ -45,22 +50,22 @@ class VKDModel(nn.Module):
         prior_samples: int = 1,
         latent_from_guide: bool = True,
         mutual_information: bool = True,
+        prior_net: Optional[nn.Module] = None,
     ):
         super().__init__()
         if mutual_information and not latent_from_guide:
             raise ValueError("the MI term scores the guide's z: it needs latent_from_guide")
         self.image_encoder = image_encoder
         features = image_encoder.out_features
-        self.prior_net = GaussianMLP(features, hidden, z_dim, dropout)
+        self.prior_net = DiagonalNormalPrior(features, z_dim, hidden, dropout) if prior_net is None else prior_net
         self.classifier = nn.Linear(z_dim + features, num_classes)  # p(y | x_I, z_I)
         self.text_classifier = nn.Linear(z_dim, num_classes) if mutual_information else None  # q(y | z_T)
         self.prior_samples = prior_samples
         self.latent_from_guide = latent_from_guide
 
     def prior(self, features: torch.Tensor) -> dist.Distribution:
-        """p(z_I | x_I) = N(loc(x_I), diag scale(x_I)^2), event shape (z_dim,)."""
-        loc, scale = self.prior_net(features)
-        return dist.Normal(loc, scale).to_event(1)
+        """p(z_I | x_I), batch shape (B,), event shape (z_dim,)."""
+        return self.prior_net(features)
 
     def class_logits(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Logits of p(y|x_I, z_I) for z of shape (..., B, z_dim) and features (B, F)."""
@@ -97,9 +102,9 @@ class VKDModel(nn.Module):
                 with kl_weighted(kl_weight):
                     z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
             # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
-            z_image = prior.rsample((self.prior_samples,))
+            z_image, score = draw(prior, self.prior_samples)  # score: None when fully reparameterised
             log_lik = _bernoulli_log_prob(self.class_logits(z_image, features), labels, label_mask)
-            pyro.factor("image_log_lik", log_lik.mean(0))
+            pyro.factor("image_log_lik", monte_carlo_mean(log_lik, score))
             if self.text_classifier is not None:  # L_MI: log q(y | z_T) at the guide's sample
                 likelihood = dist.Bernoulli(logits=self.text_classifier(z_text))
                 if label_mask is not None:

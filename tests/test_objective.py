@@ -16,16 +16,27 @@ from guides import EHRPosterior, NoGuide
 from models import VKDModel
 from tests.conftest import FeaturesAsImages, MaskedMeanHead
 from vkd_pyro.batching import Batch
+from vkd_pyro.families import GUIDES, PRIORS, build_family
 from vkd_pyro.module import VKDModule
 
 B, FEAT, HID, T, Z, C = 4, 5, 6, 7, 3, 14
+FAMILY_OPTIONS = {"lowrank": {"rank": 2}, "mixture": {"components": 3}}  # tiny ones; the rest: defaults
 
 
-def make_module(objective="vkd", L=1, M=1, elbo="trace", z_dim=Z):
+def make_module(objective="vkd", L=1, M=1, elbo="trace", z_dim=Z, prior="diagonal", guide="diagonal"):
+    """A module on tiny stand-in networks; `prior` and `guide` name families (registered or import paths).
+    The diagonal ones are built by VKDModel and EHRPosterior themselves (their defaults)."""
+    prior_net = None if prior == "diagonal" else build_family(
+        "prior", prior, FEAT, z_dim, [8, 8], 0.0, FAMILY_OPTIONS.get(prior))
     model = VKDModel(FeaturesAsImages(FEAT), C, z_dim=z_dim, hidden=[8, 8], dropout=0.0, prior_samples=M,
-                     latent_from_guide=objective != "image_only", mutual_information=objective == "vkd")
-    guide = NoGuide() if objective == "image_only" else EHRPosterior(MaskedMeanHead(HID), z_dim, [8, 8], 0.0)
-    return VKDModule(model, guide, elbo=elbo, num_particles=L)
+                     latent_from_guide=objective != "image_only", mutual_information=objective == "vkd",
+                     prior_net=prior_net)
+    if objective == "image_only":
+        return VKDModule(model, NoGuide(), elbo=elbo, num_particles=L)
+    posterior_net = None if guide == "diagonal" else build_family(
+        "guide", guide, HID, z_dim, [8, 8], 0.0, FAMILY_OPTIONS.get(guide))
+    posterior = EHRPosterior(MaskedMeanHead(HID), z_dim, [8, 8], 0.0, posterior_net=posterior_net)
+    return VKDModule(model, posterior, elbo=elbo, num_particles=L)
 
 
 def make_batch(seed=1):
@@ -53,13 +64,13 @@ def hand_terms(module, batch, draws=200_000):
     """Per-example E_p[log p(y|x,z_I)], E_q[log q(y|z_T)], KL(q||p) and KL(p||q), by hand."""
     model, guide = module.model, module.guide
     with torch.no_grad():
-        mp, sp = model.prior_net(batch.images)
+        mp, sp = model.prior_net.loc_scale(batch.images)
         g = torch.Generator().manual_seed(7)
         z_prior = mp + sp * torch.randn((draws,) + mp.shape, generator=g)
         image_ll = log_bernoulli(model.class_logits(z_prior, batch.images), batch.labels).mean(0)
         out = {"image_ll": image_ll, "prior": (mp, sp)}
         if isinstance(guide, EHRPosterior):
-            mq, sq = guide.posterior_net(guide.text_head(batch.token_states, batch.token_mask))
+            mq, sq = guide.posterior_net.loc_scale(guide.text_head(batch.token_states, batch.token_mask))
             z_post = mq + sq * torch.randn((draws,) + mq.shape, generator=g)
             if model.text_classifier is not None:
                 out["text_ll"] = log_bernoulli(model.text_classifier(z_post), batch.labels).mean(0)
@@ -88,9 +99,10 @@ def test_vkd_loss_is_minus_eq8_with_beta_on_kl_only():
     assert (terms.loss - terms.image_nll - terms.text_nll) / beta == pytest.approx(hand["kl_qp"].mean().item(), abs=0.1)
 
 
-@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
-def test_zero_kl_weight_removes_the_kl_term_exactly(elbo):
-    module, batch = make_module(L=3, M=2, elbo=elbo), make_batch()
+@pytest.mark.parametrize("elbo, prior", [("trace", "diagonal"), ("meanfield", "diagonal"), ("trace", "lowrank"),
+                                         ("meanfield", "lowrank"), ("meanfield", "standard")])  # KL > 0: analytic
+def test_zero_kl_weight_removes_the_kl_term_exactly(elbo, prior):
+    module, batch = make_module(L=3, M=2, elbo=elbo, prior=prior), make_batch()
     loss, terms = module(batch, 0.0)
     assert terms.loss == pytest.approx(terms.image_nll + terms.text_nll, abs=1e-6)
     assert terms.kl > 0  # still recorded, unweighted
@@ -162,9 +174,11 @@ def test_no_mi_drops_only_the_mi_term():
     assert loss.item() == pytest.approx(expected, abs=0.03)
 
 
-def test_site_shapes_with_vectorised_particles():
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("guide", list(GUIDES))
+def test_site_shapes_with_vectorised_particles(prior, guide):
     L, M = 5, 3
-    module, batch = make_module(L=L, M=M), make_batch()
+    module, batch = make_module(L=L, M=M, prior=prior, guide=guide), make_batch()
     args, kwargs = module.batch_args(batch, 1.0)
     model_trace, guide_trace = next(module.elbo._get_traces(module.model, module.guide, args, kwargs))
     assert guide_trace.nodes["z"]["value"].shape == (L, B, Z)
@@ -188,8 +202,10 @@ def test_guide_samples_are_reparameterised_draws_not_means():
     assert z["value"].requires_grad and z["fn"].has_rsample
 
 
-def test_all_networks_receive_gradients():
-    module, batch = make_module(L=2, M=2), make_batch()
+@pytest.mark.parametrize("prior, guide", [("diagonal", "diagonal"), ("lowrank", "lowrank"), ("mixture", "flow"),
+                                          ("flow", "diagonal")])
+def test_all_networks_receive_gradients(prior, guide):
+    module, batch = make_module(L=2, M=2, prior=prior, guide=guide), make_batch()
     loss, _ = module(batch, 0.5)
     loss.backward()
     for name in ["model.prior_net", "model.classifier", "model.text_classifier", "guide.text_head", "guide.posterior_net"]:
@@ -219,7 +235,7 @@ def test_prediction_uses_the_prior_alone_algorithm_2():
     S = 20000
     probs = module.predict(batch.images, S)
     assert probs.shape == (S, B, C)
-    mp, sp = module.model.prior_net(batch.images)
+    mp, sp = module.model.prior_net.loc_scale(batch.images)
     g = torch.Generator().manual_seed(5)
     z = mp + sp * torch.randn((S,) + mp.shape, generator=g)
     expected = torch.sigmoid(module.model.class_logits(z, batch.images)).mean(0)

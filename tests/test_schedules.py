@@ -1,9 +1,16 @@
-"""Eq. 9, the cyclical KL annealing schedule, value for value."""
+"""KL annealing, value for value: Eq. 9 (cyclical, linear or sigmoid ramp), monotonic, constant, none."""
 
+import math
+
+import pyro
+import pyro.distributions as dist
 import pytest
+import torch
+from pyro import poutine
 
-from vkd_pyro.config import AnnealingConfig
-from vkd_pyro.schedules import KLSchedule, cyclical_beta
+from vkd_pyro.config import AnnealingConfig, config_from_dict
+from vkd_pyro.errors import ConfigError
+from vkd_pyro.schedules import KLSchedule, cyclical_beta, kl_weighted, monotonic_beta, sigmoid_ramp
 
 
 def test_eq9_with_whole_cycles():
@@ -32,3 +39,82 @@ def test_schedule_from_config():
 def test_iterations_count_from_one():
     with pytest.raises(ValueError):
         cyclical_beta(0, 10)
+
+
+# --------------------------------------------------------------------------- the ramps g, monotonic, none
+
+
+def logistic_by_hand(u, k=10.0):
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    return (s(k * (u - 0.5)) - s(-k / 2)) / (s(k / 2) - s(-k / 2))
+
+
+def test_sigmoid_ramp_ends_exactly_at_0_and_1_and_is_a_rescaled_logistic():
+    assert sigmoid_ramp(0.0) == 0.0 and sigmoid_ramp(1.0) == pytest.approx(1.0, abs=1e-12)
+    assert sigmoid_ramp(0.5) == pytest.approx(0.5)
+    us = [i / 20 for i in range(21)]
+    values = [sigmoid_ramp(u) for u in us]
+    assert values == pytest.approx([logistic_by_hand(u) for u in us])
+    assert all(a < b for a, b in zip(values, values[1:]))  # increasing
+    assert sigmoid_ramp(0.1) < 0.1 * 0.5 and sigmoid_ramp(0.9) > 1 - 0.1 * 0.5  # flat ends: an S, not a line
+
+
+def test_eq9_with_the_sigmoid_ramp():
+    # T = 16, C = 4, R = 0.5: tau = 0, .25, .5, .75 -> beta = g(0), g(.5), g(1), 1
+    expected = [0.0, logistic_by_hand(0.5), logistic_by_hand(1.0), 1.0] * 4
+    assert [cyclical_beta(t, 16, 4, 0.5, "sigmoid") for t in range(1, 17)] == pytest.approx(expected)
+    # R = 0.8, T = 10, C = 1: tau = (t-1)/10 -> g(tau / .8) up to tau = .8, then 1
+    expected = [logistic_by_hand((t - 1) / 10 / 0.8) if (t - 1) / 10 <= 0.8 else 1.0 for t in range(1, 11)]
+    assert [cyclical_beta(t, 10, 1, 0.8, "sigmoid") for t in range(1, 11)] == pytest.approx(expected)
+
+
+def test_monotonic_rises_over_the_warmup_epochs_then_stays_1():
+    # T = 4 iterations an epoch, W = 2 epochs: beta_s = (s - 1) / 8 for global step s, then 1
+    schedule = KLSchedule(AnnealingConfig(schedule="monotonic", warmup_epochs=2), 4)
+    values = [schedule(t, epoch) for epoch in (1, 2, 3) for t in range(1, 5)]
+    assert values == pytest.approx([0, .125, .25, .375, .5, .625, .75, .875, 1, 1, 1, 1])
+    half = KLSchedule(AnnealingConfig(schedule="monotonic", warmup_epochs=0.5), 4)  # over 2 steps
+    assert [half(t, e) for e in (1, 2) for t in range(1, 5)] == pytest.approx([0, .5, 1, 1, 1, 1, 1, 1])
+    sigmoid = KLSchedule(AnnealingConfig(schedule="monotonic", warmup_epochs=1, g="sigmoid"), 4)
+    assert [sigmoid(t, 1) for t in range(1, 5)] + [sigmoid(1, 2)] == pytest.approx(
+        [logistic_by_hand(u) for u in (0, .25, .5, .75)] + [1.0])
+    assert monotonic_beta(9, 8) == 1.0 and monotonic_beta(1, 8) == 0.0
+    with pytest.raises(ValueError):
+        monotonic_beta(0, 8)
+
+
+def test_none_is_always_1_and_constant_its_value():
+    none = KLSchedule(AnnealingConfig(schedule="none", beta=0.1), 5)
+    assert {none(t, e) for e in (1, 7) for t in range(1, 6)} == {1.0}
+    constant = KLSchedule(AnnealingConfig(schedule="constant", beta=0.1), 5)
+    assert {constant(t, e) for e in (1, 7) for t in range(1, 6)} == {0.1}
+    cyclical = KLSchedule(AnnealingConfig(schedule="cyclical", R=0.5, C=4), 16)
+    assert [cyclical(t, 3) for t in range(1, 5)] == [0.0, 0.5, 1.0, 1.0]  # the same in every epoch
+
+
+def test_annealing_config_keys():
+    a = config_from_dict({}, overrides=["inference.annealing.schedule=monotonic", "inference.annealing.g=sigmoid",
+                                        "inference.annealing.warmup_epochs=2.5"]).inference.annealing
+    assert (a.schedule, a.g, a.warmup_epochs) == ("monotonic", "sigmoid", 2.5)
+    d = config_from_dict({}).inference.annealing
+    assert (d.schedule, d.g, d.warmup_epochs) == ("cyclical", "linear", 5.0)
+    for override, message in [
+        ("inference.annealing.g=cosine", "inference.annealing.g: 'cosine' must be one of linear, sigmoid"),
+        ("inference.annealing.schedule=warm", "must be one of cyclical, monotonic, constant, none"),
+        ("inference.annealing.warmup_epochs=0", "inference.annealing.warmup_epochs: 0.0 must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            config_from_dict({}, overrides=[override])
+
+
+def test_kl_weight_handler():
+    def site_scale(beta):
+        with poutine.trace() as tr, kl_weighted(beta):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+        return tr.trace.nodes["z"]
+
+    assert site_scale(0.5)["scale"] == 0.5
+    assert site_scale(0.0)["mask"] is False  # a float 0: masked out (Pyro's scale refuses 0)
+    assert float(site_scale(torch.tensor(0.0))["scale"]) == 0.0  # a tensor 0 (JIT): a scale of 0
+    with pytest.raises(ValueError):
+        kl_weighted(-0.1)

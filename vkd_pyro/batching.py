@@ -32,6 +32,11 @@ class Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items() if v is not None})
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (DataLoader(pin_memory=True) calls this), for async copies."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.pin_memory() for k, v in tensors.items() if v is not None})
+
 
 class PairedSplit(Dataset):
     """One split of a dataset: its records' image, labels and (when given) frozen report states.

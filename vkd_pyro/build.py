@@ -6,12 +6,15 @@ from typing import Optional
 
 from guides import EHRPosterior, NoGuide
 from models import VKDModel
+from vkd_pyro.accel import apply_speed_options
 from vkd_pyro.classes import NUM_CLASSES
 from vkd_pyro.config import Config
 from vkd_pyro.encoders.image import build_image_encoder
 from vkd_pyro.encoders.text import TextHead
 from vkd_pyro.errors import UserError
+from vkd_pyro.families import build_family, require_analytic_kl
 from vkd_pyro.module import VKDModule
+from vkd_pyro.objective import MEANFIELD_ELBOS
 
 
 def uses_reports(config: Config) -> bool:
@@ -42,12 +45,19 @@ def build_module(config: Config, dims: Optional[dict] = None) -> VKDModule:
     options = {"width": enc.width, "out_features": enc.out_features} if enc.name == "small_cnn" else {}
     image_encoder = build_image_encoder(enc.name, enc.weights, **options)
     objective, m = config.inference.objective, config.model
-    model = VKDModel(image_encoder, NUM_CLASSES, z_dim=m.z_dim, hidden=m.hidden, dropout=m.dropout,
-                     prior_samples=config.inference.prior_samples,
-                     latent_from_guide=uses_reports(config), mutual_information=objective == "vkd")
+    features = image_encoder.out_features
+    prior_net = build_family("prior", m.prior, features, m.z_dim, m.hidden, m.dropout, m.prior_options)
+    model = VKDModel(image_encoder, NUM_CLASSES, z_dim=m.z_dim, prior_samples=config.inference.prior_samples,
+                     latent_from_guide=uses_reports(config), mutual_information=objective == "vkd",
+                     prior_net=prior_net)
     if uses_reports(config):
         head = build_text_head(config, dims)
-        guide = EHRPosterior(head, z_dim=m.z_dim, hidden=m.hidden, dropout=m.dropout)
+        posterior_net = build_family("guide", m.guide, head.out_features, m.z_dim, m.hidden, m.dropout,
+                                     m.guide_options)
+        if config.inference.elbo in MEANFIELD_ELBOS:  # refuse, rather than a silent Monte Carlo KL
+            require_analytic_kl(config.inference.elbo, posterior_net, prior_net, head.out_features, features)
+        guide = EHRPosterior(head, posterior_net=posterior_net)
     else:
         guide = NoGuide()
-    return VKDModule(model, guide, elbo=config.inference.elbo, num_particles=config.inference.num_particles)
+    module = VKDModule(model, guide, elbo=config.inference.elbo, num_particles=config.inference.num_particles)
+    return apply_speed_options(module, config.train.amp, config.image_encoder.channels_last)  # vkd_pyro.accel

@@ -1,18 +1,23 @@
 """The `vkd-pyro` command line: train, evaluate, predict, render.
 
 A user mistake (a bad config key or value, a missing file, a bad record) prints one line,
-`vkd-pyro: error: ...`, and exits with status 2; no traceback.
+`vkd-pyro: error: ...`, and exits with status 2; no traceback. A training stopped by SIGINT or
+SIGTERM writes its resume state, prints one line with the command that resumes it
+(`vkd-pyro train --resume DIR`) and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from vkd_pyro.errors import UserError
+from vkd_pyro.analysis_cli import ANALYSIS_COMMANDS, add_analysis_commands
+from vkd_pyro.data.card import DATA_COMMANDS, add_data_commands
+from vkd_pyro.errors import Interrupted, UserError
 
 DESCRIPTION = (
     "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
@@ -27,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model and evaluate it on the test split",
                                 description="Train with SVI (minus Eq. 8), keep the best validation "
                                 "checkpoint, then evaluate on the test split from images alone.")
-    train.add_argument("--config", required=True, help="YAML config file (e.g. configs/demo.yaml)")
+    train.add_argument("--config", default=None, help="YAML config file (e.g. configs/demo.yaml); not with --resume")
+    train.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue the interrupted run in DIR from its last.pt (overrides: only run-time keys "
+                       "such as train.max_epochs, device, data.num_workers)")
     train.add_argument("--out", default=None, help="run folder (default runs/<config name>-<objective>-seed<seed>)")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
@@ -52,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="PNG file to write")
     render.add_argument("--count", type=int, default=24, help="how many records (default 24)")
     render.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    add_analysis_commands(commands)  # sweep, ablate, diagnose, figures
+    add_data_commands(commands)  # data check
     return parser
 
 
@@ -64,9 +74,19 @@ def _cmd_train(args) -> None:
     from vkd_pyro.config import load_config
     from vkd_pyro.train import fit
 
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+        from vkd_pyro.train import resume_config
+
+        if args.config is not None or args.out is not None:
+            raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
+        fit(resume_config(args.resume, args.overrides), Path(args.resume), progress=progress, resume=True)
+        return
+    if args.config is None:
+        raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
     config = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.inference.objective}-seed{config.seed}"
-    fit(config, out, progress=False if args.no_progress else None)
+    fit(config, out, progress=progress)
 
 
 def _cmd_evaluate(args) -> None:
@@ -124,6 +144,8 @@ def _cmd_render(args) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "render": _cmd_render}
+COMMANDS.update(ANALYSIS_COMMANDS)
+COMMANDS.update(DATA_COMMANDS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -133,6 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         print(f"vkd-pyro: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGINT/SIGTERM during training: last.pt written (exit 130 / 143)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print(f"vkd-pyro: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("vkd-pyro: interrupted", file=sys.stderr)
         return 130

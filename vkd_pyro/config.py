@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from vkd_pyro.classes import CLASSES
 from vkd_pyro.errors import ConfigError
 
 
@@ -38,8 +39,13 @@ def _one_of(*choices):
 class DataConfig:
     """Which dataset, where it lives, and how its records become (image, report, labels)."""
 
-    name: str = field(default="openi_phantom", metadata=_one_of("openi_phantom"))
-    root: Optional[str] = None  # openi_phantom: the report archive; None = torchxrayvision's copy
+    name: str = field(default="openi_phantom", metadata=_one_of("openi_phantom", "openi", "mimic_cxr", "chestxray14"))
+    # openi_phantom: the report archive (None = torchxrayvision's copy); openi: the folder of NLMCXR
+    # PNGs; mimic_cxr: the MIMIC-CXR-JPG 2.0.0 folder; chestxray14: the ChestX-ray14 folder.
+    root: Optional[str] = None
+    # openi: the report archive or folder (None = torchxrayvision's copy); mimic_cxr: the folder
+    # holding files/pXX/pSUBJECT/sSTUDY.txt (None = root).
+    reports: Optional[str] = None
     image_size: int = field(default=64, metadata=_check(lambda v: v >= 16, "must be >= 16"))
     signal: float = field(default=1.0, metadata=_NON_NEGATIVE)  # how visible rendered findings are
     include_indication: bool = False  # prepend the INDICATION section to FINDINGS + IMPRESSION
@@ -51,16 +57,31 @@ class DataConfig:
     split_seed: int = 0  # the split is by report and does not change with the training seed
     max_reports: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 10, "must be >= 10"))
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+    # Real datasets (openi, mimic_cxr, chestxray14), see vkd_pyro/data/<name>.py:
+    views: list[str] = field(default_factory=lambda: ["PA", "AP"],
+                             metadata=_check(lambda v: len(v) > 0, "must name at least one view"))
+    multi_image: str = field(default="first", metadata=_one_of("first", "all"))  # several frontal images of a report
+    label_policy: str = field(default="zeros", metadata=_one_of("zeros", "ones", "ignore"))  # mimic_cxr: uncertain (-1)
+    blank_policy: str = field(default="zeros", metadata=_one_of("zeros", "ignore"))  # mimic_cxr: blank (not mentioned)
+    on_bad_record: str = field(default="error", metadata=_one_of("error", "skip"))  # skip: leave out and count
+    val_fraction: float = field(default=0.1, metadata=_check(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"))  # chestxray14
+    # The classes the AUC table and metrics report (others are null); null = all 14.
+    eval_classes: Optional[list[str]] = field(
+        default=None, metadata=_check(lambda v: len(v) > 0 and set(v) <= set(CLASSES),
+                                      "must be a non-empty list of the 14 class names: " + ", ".join(CLASSES)))
 
 
 @dataclass
 class ImageEncoderConfig:
     """The image backbone that maps a grayscale radiograph x_I to features."""
 
-    name: str = "small_cnn"  # densenet121 | small_cnn
+    name: str = field(default="small_cnn", metadata=_one_of("densenet121", "small_cnn"))
     weights: str = "none"  # none | imagenet | xrv | path to a state dict
     out_features: int = field(default=256, metadata=_POSITIVE)  # small_cnn only
     width: int = field(default=16, metadata=_POSITIVE)  # small_cnn only: channels of the first block
+    # Channels-last (NHWC) convolution weights and activations: faster convolutions on GPUs with
+    # tensor cores (small_cnn is always channels-last; this is for densenet121).
+    channels_last: bool = False
 
 
 @dataclass
@@ -80,22 +101,36 @@ class TextEncoderConfig:
 
 @dataclass
 class ModelConfig:
-    """Sizes of the latent code and of the MLPs of the prior p(z_I|x_I) and posterior q(z_T|x_T)."""
+    """Sizes of the latent code and of the MLPs of the prior p(z_I|x_I) and posterior q(z_T|x_T),
+    and their families (`vkd_pyro.families`: a registered name or an import path package.module:Name)."""
 
     z_dim: int = field(default=512, metadata=_POSITIVE)
     hidden: list[int] = field(default_factory=lambda: [512, 512],
                               metadata=_check(lambda v: all(h > 0 for h in v), "must be positive sizes"))
     dropout: float = field(default=0.5, metadata=_HALF_OPEN_PROBABILITY)
+    prior: str = "diagonal"  # diagonal | lowrank | mixture | flow | standard | package.module:Name
+    guide: str = "diagonal"  # diagonal | lowrank | flow | package.module:Name
+    prior_options: dict = field(default_factory=dict)  # keyword options, e.g. {rank: 8}, {components: 4}
+    guide_options: dict = field(default_factory=dict)  # e.g. {transform: affine_autoregressive, layers: 2}
+
+    def __post_init__(self):
+        from vkd_pyro.families import check_family  # validates names, import paths and option names
+
+        check_family("prior", self.prior, self.prior_options)
+        check_family("guide", self.guide, self.guide_options)
 
 
 @dataclass
 class AnnealingConfig:
-    """The KL weight beta_t: Eq. 9's cyclical schedule, or a constant."""
+    """The KL weight beta_t (`vkd_pyro.schedules`): Eq. 9's cyclical schedule, a monotonic warm-up,
+    a constant, or none (beta = 1)."""
 
-    schedule: str = field(default="cyclical", metadata=_one_of("cyclical", "constant"))
+    schedule: str = field(default="cyclical", metadata=_one_of("cyclical", "monotonic", "constant", "none"))
     R: float = field(default=0.5, metadata=_check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
     C: int = field(default=4, metadata=_POSITIVE)  # cycles per epoch
     beta: float = field(default=1.0, metadata=_NON_NEGATIVE)  # the constant schedule's value
+    g: str = field(default="linear", metadata=_one_of("linear", "sigmoid"))  # the ramp of cyclical and monotonic
+    warmup_epochs: float = field(default=5.0, metadata=_POSITIVE)  # monotonic: epochs for beta to reach 1
 
 
 @dataclass
@@ -103,7 +138,7 @@ class InferenceConfig:
     """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts."""
 
     objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only"))
-    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
+    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield", "jit_trace", "jit_meanfield"))
     num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
     prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
     test_samples: int = field(default=16, metadata=_POSITIVE)  # S: prior samples at test time
@@ -122,6 +157,20 @@ class TrainConfig:
     patience: int = field(default=3, metadata=_POSITIVE)  # epochs without a >tolerance improvement
     tolerance: float = field(default=0.01, metadata=_NON_NEGATIVE)  # the paper's 1%, relative
     progress: bool = True  # a tqdm bar with the ELBO terms
+    tensorboard: bool = False  # the ELBO terms of every step to TensorBoard, in <run>/tensorboard/
+    # Mixed precision for the image backbone and the text block: bf16 autocast (no loss scaling
+    # needed); the probabilistic part (Gaussians, log-likelihoods, KL) stays float32.
+    amp: str = field(default="none", metadata=_one_of("none", "bf16"))
+    grad_clip: Optional[float] = field(default=None, metadata=_check(lambda v: v > 0, "must be > 0 (or null: no clipping)"))
+    # On a GPU the loss terms stay on the device and are read back (progress bar, NaN check,
+    # SIGINT/SIGTERM agreement between processes) every log_every steps; on the CPU every step.
+    log_every: int = field(default=50, metadata=_POSITIVE)
+    # Also write the resume state last.pt every this many steps (null: at the end of each epoch only).
+    checkpoint_every: Optional[int] = field(default=None, metadata=_POSITIVE)
+    # Several GPUs: synchronise batch-norm statistics across processes (CUDA only).
+    sync_batchnorm: bool = False
+    # Debug and tests: behave as if SIGTERM arrived after this many optimizer steps (in total).
+    stop_after_steps: Optional[int] = field(default=None, metadata=_POSITIVE)
 
 
 @dataclass
@@ -131,6 +180,9 @@ class Config:
     seed: int = 0
     device: str = field(default="cpu", metadata=_one_of("auto", "cpu", "cuda"))
     cache_dir: Optional[str] = None  # None = $VKD_PYRO_CACHE or ~/.cache/vkd-pyro
+    # Fine-tuning: a run folder (or its checkpoint.pt) whose model.* weights that match in name and
+    # shape initialise this run's model (vkd_pyro.finetune), e.g. MIMIC-CXR -> ChestX-ray14.
+    init_from: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -191,6 +243,9 @@ def _coerce(value: Any, tp, where: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 

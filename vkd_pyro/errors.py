@@ -11,3 +11,23 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset file is missing or a record cannot be read."""
+
+
+class TrainingDiverged(UserError):
+    """A loss term or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after writing its resume state (last.pt).
+
+    The CLI prints the message (one line, with the command that resumes) and exits with the shell's
+    status for the signal, 128 + signal number: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

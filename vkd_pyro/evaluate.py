@@ -34,17 +34,26 @@ def predict_split(module: VKDModule, split, num_samples: int, batch_size: int = 
     return torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy()
 
 
-def auc_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+def auc_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], mask: Optional[np.ndarray] = None,
+                evaluated: Optional[Sequence[str]] = None) -> dict:
     """Per-class ROC AUC (None where the split has one label value), their macro mean over the
-    defined ones, and the micro AUC over all (record, class) pairs of the defined classes."""
+    defined ones, and the micro AUC over all (record, class) pairs of the defined classes.
+
+    `mask` (N, C), when given, leaves out the entries where it is 0 (unknown labels) from every
+    figure, positives included; `evaluated`, when given, names the classes to score: the others
+    get AUC None and stay out of the macro and micro AUC (e.g. the 7 classes ChestX-ray14 shares)."""
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
     auc: dict[str, Optional[float]] = {}
     for c, name in enumerate(classes):
-        column = labels[:, c]
-        auc[name] = float(roc_auc_score(column, probs[:, c])) if 0 < column.sum() < len(column) else None
+        column = labels[keep[:, c], c]
+        scored = evaluated is None or name in evaluated
+        auc[name] = (float(roc_auc_score(column, probs[keep[:, c], c]))
+                     if scored and 0 < column.sum() < len(column) else None)
     defined = [c for c, name in enumerate(classes) if auc[name] is not None]
     macro = float(np.mean([auc[classes[c]] for c in defined])) if defined else None
-    micro = float(roc_auc_score(labels[:, defined].ravel(), probs[:, defined].ravel())) if defined else None
-    positives = {name: int(labels[:, c].sum()) for c, name in enumerate(classes)}
+    micro = (float(roc_auc_score(labels[:, defined][keep[:, defined]], probs[:, defined][keep[:, defined]]))
+             if defined else None)
+    positives = {name: int(labels[keep[:, c], c].sum()) for c, name in enumerate(classes)}
     return {"auc": auc, "macro_auc": macro, "micro_auc": micro, "positives": positives}
 
 
@@ -73,24 +82,27 @@ def format_auc_table(columns: Mapping[str, dict], classes: Sequence[str], positi
     return "\n".join(lines)
 
 
-def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
-    """One ROC curve per class with a defined AUC, and the micro-average, to a PNG."""
+def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str = "",
+             mask: Optional[np.ndarray] = None, evaluated: Optional[Sequence[str]] = None) -> None:
+    """One ROC curve per class with a defined AUC, and the micro-average, to a PNG (`mask` and
+    `evaluated` as in `auc_metrics`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = auc_metrics(labels, probs, classes)
+    metrics = auc_metrics(labels, probs, classes, mask, evaluated)
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     cmap = plt.get_cmap("tab20")
     for c, name in enumerate(classes):
         if metrics["auc"][name] is None:
             continue
-        fpr, tpr, _ = roc_curve(labels[:, c], probs[:, c])
+        fpr, tpr, _ = roc_curve(labels[keep[:, c], c], probs[keep[:, c], c])
         ax.plot(fpr, tpr, lw=1.2, color=cmap(c), label=f"{name} ({metrics['auc'][name]:.2f})")
     defined = [c for c, n in enumerate(classes) if metrics["auc"][n] is not None]
     if defined:
-        fpr, tpr, _ = roc_curve(labels[:, defined].ravel(), probs[:, defined].ravel())
+        fpr, tpr, _ = roc_curve(labels[:, defined][keep[:, defined]], probs[:, defined][keep[:, defined]])
         ax.plot(fpr, tpr, lw=2.5, color="black", label=f"micro ({metrics['micro_auc']:.2f})")
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set_xlabel("false positive rate")

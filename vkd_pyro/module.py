@@ -12,7 +12,7 @@ from pyro.infer import Predictive
 from torch import nn
 
 from vkd_pyro.batching import Batch
-from vkd_pyro.objective import ObjectiveTerms, make_elbo, terms_from_sums
+from vkd_pyro.objective import ObjectiveTerms, make_elbo, term_vector, terms_from_sums
 
 
 class VKDModule(nn.Module):
@@ -31,10 +31,16 @@ class VKDModule(nn.Module):
         kwargs = {"labels": batch.labels, "label_mask": batch.label_mask, "kl_weight": kl_weight}
         return args, kwargs
 
-    def forward(self, batch: Batch, kl_weight: float = 1.0) -> tuple[torch.Tensor, ObjectiveTerms]:
-        """The differentiable loss, minus Eq. 8 averaged over the batch, and its terms."""
+    def forward(self, batch: Batch, kl_weight: float = 1.0, sync_terms: bool = True):
+        """The differentiable loss, minus Eq. 8 averaged over the batch, and its terms.
+
+        With sync_terms=False the terms are a detached (4,) tensor on the device (loss, image_nll,
+        text_nll, kl: `objective.term_vector`), so that a training step reads nothing back to the host.
+        """
         args, kwargs = self.batch_args(batch, kl_weight)
         loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs) / batch.size
+        if not sync_terms:
+            return loss, term_vector(loss * batch.size, self.elbo.sums, batch.size)
         return loss, terms_from_sums(loss * batch.size, self.elbo.sums, batch.size, kl_weight)
 
     @torch.no_grad()

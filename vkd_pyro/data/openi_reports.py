@@ -12,6 +12,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from vkd_pyro.errors import DataError
 
@@ -55,11 +56,21 @@ class Report:
         return bool(self.sections.get("FINDINGS") or self.sections.get("IMPRESSION"))
 
 
+def xrv_datapath() -> Path:
+    """torchxrayvision's data folder (`torchxrayvision.datasets.datapath`), found without importing
+    the package, which takes seconds."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("torchxrayvision is not installed: it ships the OpenI reports and view tables "
+                        "(pip install torchxrayvision), or pass their paths")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
 def default_archive() -> Path:
     """The real OpenI report archive that the torchxrayvision package ships."""
-    import torchxrayvision
-
-    return Path(torchxrayvision.datasets.datapath) / "NLMCXR_reports.tgz"
+    return xrv_datapath() / "NLMCXR_reports.tgz"
 
 
 def parse_report_xml(data: bytes, name: str) -> Report:
@@ -88,9 +99,26 @@ def _report_number(member_name: str) -> int:
     return int(stem) if stem.isdigit() else 1 << 62
 
 
-def read_reports(archive: str | os.PathLike | None = None) -> list[Report]:
-    """All reports of an OpenI archive (`.tgz`) or folder of `<n>.xml`, in report-number order."""
+def read_reports(archive: str | os.PathLike | None = None,
+                 on_bad: Optional[Callable[[str, str, str], None]] = None) -> list[Report]:
+    """All reports of an OpenI archive (`.tgz`) or folder of `<n>.xml`, in report-number order.
+
+    A report whose XML cannot be parsed raises DataError; with `on_bad`, it calls
+    `on_bad(member name, "malformed report XML", what is wrong)` instead and is left out.
+    """
     path = Path(archive) if archive is not None else default_archive()
+
+    seen = []
+
+    def parse(data: bytes, name: str) -> None:
+        seen.append(name)
+        try:
+            reports.append(parse_report_xml(data, name))
+        except DataError as exc:
+            if on_bad is None:
+                raise
+            on_bad(name, "malformed report XML", str(exc).removeprefix(f"{name}: "))
+
     if not path.exists():
         raise DataError(
             f"{path}: OpenI report archive not found (expected NLMCXR_reports.tgz or a folder of "
@@ -100,16 +128,16 @@ def read_reports(archive: str | os.PathLike | None = None) -> list[Report]:
     if path.is_dir():
         files = sorted(path.rglob("*.xml"), key=lambda p: _report_number(p.name))
         for file in files:
-            reports.append(parse_report_xml(file.read_bytes(), str(file)))
+            parse(file.read_bytes(), str(file))
     else:
         try:
             with tarfile.open(path, "r:*") as tar:
                 members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".xml")),
                                  key=lambda m: _report_number(m.name))
                 for member in members:
-                    reports.append(parse_report_xml(tar.extractfile(member).read(), f"{path}:{member.name}"))
+                    parse(tar.extractfile(member).read(), f"{path}:{member.name}")
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{path}: cannot read the report archive ({exc})") from None
-    if not reports:
+    if not seen:
         raise DataError(f"{path}: no report XML files found")
     return reports

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from vkd_pyro.config import Config
 
+#: Datasets read from their real releases (vkd_pyro.data.real).
+REAL_DATASETS = ("openi", "mimic_cxr", "chestxray14")
+
 
 def build_dataset(config: Config):
     """The dataset a config names. It has `labels` (N, 14), `texts` (N reports), `groups` (the unit
@@ -15,4 +18,8 @@ def build_dataset(config: Config):
         return OpenIPhantomDataset(root=data.root, image_size=data.image_size, signal=data.signal,
                                    include_indication=data.include_indication, max_reports=data.max_reports,
                                    cache_dir=config.resolved_cache_dir())
+    if data.name in REAL_DATASETS:
+        from vkd_pyro.data.real import build_real_dataset
+
+        return build_real_dataset(config)
     raise AssertionError(f"unknown dataset {data.name}")  # the config validator lists the known names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,3 +25,21 @@ def split_by_group(groups: Sequence[str], fractions: Sequence[float], seed: int 
     for index, group in enumerate(groups):
         members[assignment[group]].append(index)
     return {name: np.asarray(idx, dtype=np.int64) for name, idx in members.items()}
+
+
+def dataset_splits(dataset, fractions: Sequence[float], seed: int = 0) -> dict[str, np.ndarray]:
+    """Record indices per split of `dataset`: its `official_split` (split name -> indices) when it
+    has one (MIMIC-CXR, ChestX-ray14), else `split_by_group(dataset.groups, fractions, seed)`."""
+    official = getattr(dataset, "official_split", None)
+    if official is not None:
+        return {name: np.asarray(official.get(name, ()), dtype=np.int64) for name in SPLIT_NAMES}
+    return split_by_group(dataset.groups, fractions, seed)
+
+
+def split_label_mask(split) -> Optional[np.ndarray]:
+    """The label mask (n, C) of a split's records (1 = label known), or None when every label is known.
+
+    `split` is a `vkd_pyro.batching.PairedSplit`: rows follow `split.indices`, as predictions do.
+    """
+    mask = getattr(split.base, "label_mask", None)
+    return None if mask is None else np.asarray(mask)[split.indices]

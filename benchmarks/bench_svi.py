@@ -1,0 +1,144 @@
+"""The VKD SVI step in Pyro against the same loss written by hand in plain PyTorch, side by side.
+
+Both sides: batch 64, 1024-d image and 384-d text features as cached inputs (benchmarks/common.py),
+z of 512, MLPs {512, 512} with dropout 0.5, both classifiers, L = M in {1, 4, 16}; one step =
+forward + backward + Adam. The networks are identical (the hand side is a copy of the Pyro side's
+weights).
+
+- Pyro: `VKDModule.forward` (Trace_ELBO, L vectorised particles, the term recorder), as
+  `vkd_pyro.train` runs it: through `TrainStep` with Pyro's validation off.
+- PyTorch: the same Monte Carlo estimator of minus Eq. 8 written out: z_T = mu_q + sigma_q eps
+  (L draws), z_I = mu_p + sigma_p eps (M draws), Bernoulli log-likelihoods with
+  binary_cross_entropy_with_logits, KL by its Monte Carlo estimate log q(z_T) - log p(z_T) from
+  the Gaussian log density, beta on the KL.
+
+Prints ms per step (median of timed rounds, the sides taking turns) and the ratio Pyro/PyTorch
+(target: at most 1.05). "Pyro lazy" is the same module with the diagonal Gaussians as
+`vkd_pyro.broadcast.BroadcastNormal` (identical values; Pyro's particle plate then broadcasts their
+parameters lazily instead of materialising L copies). `--validation` also times Pyro with its
+argument checks on (Pyro's default; vkd_pyro.train turns them off); `--jit` the compiled ELBO
+(`inference.elbo: jit_trace`, vkd_pyro.compiled).
+
+    .venv/bin/python benchmarks/bench_svi.py [--rounds 15] [--per-round 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import cached_batch, machine, median_step_ms, vkd_module  # noqa: E402
+from vkd_pyro.objective import make_elbo  # noqa: E402
+from vkd_pyro.train import TrainStep  # noqa: E402
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def log_normal(z, loc, scale):
+    """log N(z | loc, diag scale^2), summed over the last dimension."""
+    return (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - HALF_LOG_2PI).sum(-1)
+
+
+def hand_loss(module, batch, beta: float, L: int, M: int) -> torch.Tensor:
+    """Minus Eq. 8 averaged over the batch, the Trace_ELBO estimator, in plain PyTorch."""
+    model, guide = module.model, module.guide
+    x_image = batch.images
+    mp, sp = model.prior_net.loc_scale(x_image)
+    mq, sq = guide.posterior_net.loc_scale(guide.text_head(batch.token_states, batch.token_mask))
+    z_text = mq + sq * torch.randn((L,) + mq.shape)
+    z_image = mp + sp * torch.randn((M,) + mp.shape)
+    y = batch.labels
+    image_logits = model.classifier(torch.cat([z_image, x_image.expand(M, *x_image.shape)], -1))
+    image_ll = -F.binary_cross_entropy_with_logits(image_logits, y.expand(image_logits.shape),
+                                                   reduction="none").sum(-1).mean(0)
+    text_logits = model.text_classifier(z_text)
+    text_ll = -F.binary_cross_entropy_with_logits(text_logits, y.expand(text_logits.shape),
+                                                  reduction="none").sum(-1).mean(0)
+    kl = (log_normal(z_text, mq, sq) - log_normal(z_text, mp, sp)).mean(0)
+    return -(image_ll + text_ll - beta * kl).mean()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16], help="L = M values")
+    parser.add_argument("--validation", action="store_true", help="also time Pyro with validation on")
+    parser.add_argument("--jit", action="store_true", help="also time the jit_trace ELBO")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    print(f"machine: {machine()}")
+    print(f"batch 64, z 512, image features 1024, text features 384, MLPs [512, 512], dropout 0.5, Adam")
+    header = f"{'L = M':>6} {'Pyro ms':>9} {'Pyro lazy ms':>13} {'PyTorch ms':>11} {'ratio':>7} {'ratio lazy':>11}"
+    if args.validation:
+        header += f" {'Pyro+validation ms':>19}"
+    if args.jit:
+        header += f" {'Pyro jit ms':>12} {'ratio jit':>10}"
+    print(header)
+    batch = cached_batch()
+    beta = 0.5
+    for particles in args.particles:
+        module = vkd_module(L=particles, M=particles)
+        lazy = vkd_module(L=particles, M=particles, lazy=True)
+        lazy.load_state_dict(module.state_dict())
+        hand = copy.deepcopy(module)
+        module.train(), lazy.train(), hand.train()
+        step = TrainStep(module, module, torch.optim.Adam(module.parameters(), lr=1e-4))
+        lazy_step = TrainStep(lazy, lazy, torch.optim.Adam(lazy.parameters(), lr=1e-4))
+        hand_optimizer = torch.optim.Adam(hand.parameters(), lr=1e-4)
+
+        def pyro_step():
+            with pyro.validation_enabled(False):
+                step(batch, beta, batch.size)
+
+        def pyro_lazy_step():
+            with pyro.validation_enabled(False):
+                lazy_step(batch, beta, batch.size)
+
+        def pyro_validated_step():
+            with pyro.validation_enabled(True):
+                step(batch, beta, batch.size)
+
+        def torch_step():
+            loss = hand_loss(hand, batch, beta, particles, particles)
+            hand_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.get_total_norm([p.grad for p in hand.parameters()])  # TrainStep's NaN watch reads it
+            hand_optimizer.step()
+
+        steps = {"pyro": pyro_step, "lazy": pyro_lazy_step, "torch": torch_step}
+        if args.validation:
+            steps["validated"] = pyro_validated_step
+        if args.jit:
+            compiled = copy.deepcopy(module)
+            compiled.elbo = make_elbo("jit_trace", particles)
+            jit_step = TrainStep(compiled, compiled, torch.optim.Adam(compiled.parameters(), lr=1e-4))
+
+            def pyro_jit_step():
+                with pyro.validation_enabled(False):
+                    jit_step(batch, beta, batch.size)
+            steps["jit"] = pyro_jit_step
+        ms = median_step_ms(steps, args.warmup, args.rounds, args.per_round)
+        line = (f"{particles:>6} {ms['pyro']:>9.2f} {ms['lazy']:>13.2f} {ms['torch']:>11.2f} "
+                f"{ms['pyro'] / ms['torch']:>7.3f} {ms['lazy'] / ms['torch']:>11.3f}")
+        if args.validation:
+            line += f" {ms['validated']:>19.2f}"
+        if args.jit:
+            line += f" {ms['jit']:>12.2f} {ms['jit'] / ms['torch']:>10.3f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

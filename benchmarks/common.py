@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: the paper-sized networks on cached features, batches, a timer.
+
+"Cached features" (DESIGN.md): the image encoder is the identity on 1024-d DenseNet-121 features
+and the text side is one pooled 384-d vector per report, so that a step times the probabilistic
+part of VKD (prior and posterior MLPs {512, 512}, z of 512, both classifiers, the ELBO) alone.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from guides import EHRPosterior
+from models import VKDModel
+from vkd_pyro.batching import Batch
+from vkd_pyro.broadcast import BroadcastNormal
+from vkd_pyro.classes import NUM_CLASSES
+from vkd_pyro.module import VKDModule
+from vkd_pyro.networks import GaussianMLP
+
+BATCH, IMAGE_FEATURES, TEXT_FEATURES, Z, HIDDEN = 64, 1024, 384, 512, [512, 512]
+
+
+class CachedImageFeatures(nn.Module):
+    """The identity 'image encoder': its input already is the (B, 1024) feature vector."""
+
+    out_features = IMAGE_FEATURES
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class PooledText(nn.Module):
+    """The 'text head' of cached features: the first (only) token state is the pooled report vector."""
+
+    out_features = TEXT_FEATURES
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return states[:, 0]
+
+
+class LazyDiagonal(GaussianMLP):
+    """The paper's diagonal Gaussian family (prior or posterior MLP) returning a BroadcastNormal:
+    the same values, broadcast lazily over the particles (vkd_pyro.broadcast)."""
+
+    def forward(self, features: torch.Tensor):
+        loc, scale = self.loc_scale(features)
+        return BroadcastNormal(loc, scale).to_event(1)
+
+
+def vkd_module(L: int = 1, M: int = 1, vectorize: bool = True, dropout: float = 0.5,
+               lazy: bool = False) -> VKDModule:
+    """The VKD module (Trace_ELBO, L guide particles, M prior samples) on cached features.
+    lazy: the diagonal Gaussians are BroadcastNormals (the same values, less work with L > 1)."""
+    prior_net = LazyDiagonal(IMAGE_FEATURES, HIDDEN, Z, dropout) if lazy else None
+    posterior_net = LazyDiagonal(TEXT_FEATURES, HIDDEN, Z, dropout) if lazy else None
+    model = VKDModel(CachedImageFeatures(), NUM_CLASSES, z_dim=Z, hidden=HIDDEN, dropout=dropout, prior_samples=M,
+                     prior_net=prior_net)
+    guide = EHRPosterior(PooledText(), z_dim=Z, hidden=HIDDEN, dropout=dropout, posterior_net=posterior_net)
+    module = VKDModule(model, guide, elbo="trace", num_particles=L)
+    if not vectorize:
+        module.elbo.vectorize_particles = False
+    return module
+
+
+def cached_batch(seed: int = 0, batch: int = BATCH) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(images=torch.randn(batch, IMAGE_FEATURES, generator=g),
+                 labels=(torch.rand(batch, NUM_CLASSES, generator=g) < 0.2).float(),
+                 index=torch.arange(batch), token_states=torch.randn(batch, 1, TEXT_FEATURES, generator=g),
+                 token_mask=torch.ones(batch, 1, dtype=torch.bool))
+
+
+def median_step_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, per_round: int) -> dict:
+    """Median wall time (ms) of one call of each function. The functions are timed in turns, a
+    round of `per_round` calls each, so that load from other processes hits them alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            times[name].append((time.perf_counter() - start) / per_round * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def machine() -> str:
+    """CPU model (from /proc/cpuinfo), cores torch uses, torch and Pyro versions."""
+    import pyro
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, pyro {pyro.__version__}"

@@ -1,0 +1,146 @@
+"""Several processes: the batch plan, and 2 gloo processes on the CPU against one process.
+
+The two-process run goes through the same code path as `torchrun --nproc_per_node=2 -m vkd_pyro
+train ...` (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment; vkd_pyro.distributed joins the
+group), started here with torch.multiprocessing.
+
+Why the comparison is exact: DDP splits every global batch between the processes. The gradient
+of the global batch's mean loss is then the same, but two things differ from one process in any
+DDP run: each process draws its own Monte Carlo noise, and batch norm normalises with the
+statistics of its share (SyncBatchNorm, `train.sync_batchnorm`, exists for GPUs only). For this
+test both are taken out in the parent and in the workers alike: Gaussian draws return their mean
+and the CNN's batch norm is the identity. What remains is deterministic, so one process and two
+must agree to float rounding: losses, validation AUCs (early stopping), weights, test metrics.
+"""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from vkd_pyro.checkpoint import load_resume_state
+from vkd_pyro.config import load_config
+from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, shard
+from vkd_pyro.train import fit
+
+TINY = ["data.max_reports=60", "data.image_size=32", "model.z_dim=16", "model.hidden=[16]", "model.dropout=0",
+        "text_encoder.block_width=32", "text_encoder.dropout=0", "image_encoder.width=4",
+        "image_encoder.out_features=16", "inference.test_samples=2", "train.batch_size=8", "train.max_epochs=2",
+        "train.patience=5", "train.progress=false"]
+
+
+# --------------------------------------------------------------------------- the batch plan
+
+
+def test_epoch_batches_depend_on_seed_and_epoch_only():
+    lengths = list(np.random.default_rng(0).integers(5, 90, 103))
+    for with_lengths in (None, lengths):
+        first = epoch_batches(103, 8, seed=3, epoch=2, lengths=with_lengths)
+        assert first == epoch_batches(103, 8, seed=3, epoch=2, lengths=with_lengths)
+        assert sorted(i for b in first for i in b) == list(range(103))
+        assert all(len(b) <= 8 for b in first)
+        assert first != epoch_batches(103, 8, seed=3, epoch=3, lengths=with_lengths)
+        assert first != epoch_batches(103, 8, seed=4, epoch=2, lengths=with_lengths)
+
+
+def test_shards_partition_each_global_batch():
+    batch = list(range(100, 111))  # 11 records over 3 processes: 4, 4, 3
+    parts = [shard(batch, r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 3]
+    assert sum(parts, []) == batch
+    batches = [[0, 1, 2, 3], [4, 5, 6], [7]]
+    kept, dropped = drop_undersized(batches, 2)
+    assert kept == [[0, 1, 2, 3], [4, 5, 6]] and dropped == 1
+    sampler = ResumableBatchSampler(kept, start=1, rank=1, world_size=2)
+    assert len(sampler) == 1 and list(sampler) == [[6]]
+    assert [b for r in range(2) for b in ResumableBatchSampler(kept, 0, r, 2)] == [[0, 1], [4, 5], [2, 3], [6]]
+
+
+# --------------------------------------------------------------------------- 2 processes against 1
+
+
+class NoNorm(nn.Identity):
+    """Stands in for BatchNorm2d(channels)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+def mean_rsample(self, sample_shape=torch.Size()):
+    return self.loc.expand(self._extended_shape(sample_shape))
+
+
+def mean_sample(self, sample_shape=torch.Size()):
+    with torch.no_grad():
+        return mean_rsample(self, sample_shape)
+
+
+DETERMINISTIC = [(torch.distributions.Normal, "rsample", mean_rsample),
+                 (torch.distributions.Normal, "sample", mean_sample), (nn, "BatchNorm2d", NoNorm)]
+
+
+def _worker(rank: int, world: int, port: int, jobs: list) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for owner, name, value in DETERMINISTIC:
+        setattr(owner, name, value)
+    for overrides, out in jobs:
+        fit(load_config(None, overrides), out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def numbers(run) -> tuple:
+    """(history rows without seconds as floats, test metrics without timings, final weights)."""
+    rows = (run / "history.csv").read_text().splitlines()[1:]
+    history = np.array([[float(x) for x in row.split(",")[:-1]] for row in rows])
+    metrics = json.loads((run / "metrics.json").read_text())
+    return history, metrics, load_resume_state(run)["module"]
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cache = tmp_path / "cache"
+    # Batches of 7 are split 4 + 3: the shares' losses must be weighted by their size.
+    jobs = {objective: TINY + [f"cache_dir={cache}", f"inference.objective={objective}", "train.batch_size=7"]
+            for objective in ("vkd", "no_mi")}  # no_mi: DDP must find the guide unused at beta = 0
+    for owner, name, value in DETERMINISTIC:
+        monkeypatch.setattr(owner, name, value)
+    for objective, overrides in jobs.items():  # one process (this one); also fills the cache
+        fit(load_config(None, overrides), tmp_path / f"one-{objective}")
+    monkeypatch.undo()
+
+    mp.spawn(_worker, args=(2, free_port(), [(o, tmp_path / f"two-{k}") for k, o in jobs.items()]), nprocs=2,
+             join=True)
+
+    for objective in jobs:
+        one_history, one_metrics, one_weights = numbers(tmp_path / f"one-{objective}")
+        two_history, two_metrics, two_weights = numbers(tmp_path / f"two-{objective}")
+        assert one_history.shape == two_history.shape == (2, 7)
+        np.testing.assert_allclose(two_history, one_history, rtol=1e-4, atol=1e-5)  # loss terms, beta, val AUC
+        assert two_metrics["n_test"] == one_metrics["n_test"] and two_metrics["best_epoch"] == one_metrics["best_epoch"]
+        assert two_metrics["macro_auc"] == pytest.approx(one_metrics["macro_auc"], abs=1e-6)
+        assert two_metrics["micro_auc"] == pytest.approx(one_metrics["micro_auc"], abs=1e-6)
+        assert two_metrics["auc"] == pytest.approx(one_metrics["auc"], abs=1e-6)
+        assert one_weights.keys() == two_weights.keys()
+        for key, value in one_weights.items():
+            other = two_weights[key]
+            if key.endswith("self_attn.in_proj_bias"):
+                # The key bias (the middle third) has a zero gradient in exact arithmetic (softmax
+                # ignores a shift common to all keys); Adam normalises its rounding noise to steps
+                # of +-lr, whose signs differ between the two summation orders. Compared apart.
+                width = value.numel() // 3
+                assert (other[width:2 * width] - value[width:2 * width]).abs().max() <= 2 * 12 * 1e-3
+                other, value = torch.cat([other[:width], other[2 * width:]]), torch.cat([value[:width], value[2 * width:]])
+            torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,179 @@
+"""Decode X-ray files once, resized, into a uint8 array cached on disk (read back as a memmap).
+
+Real datasets ship full-resolution PNG or JPEG files (MIMIC-CXR-JPG about 2500 x 3000 pixels,
+ChestX-ray14 1024 x 1024); decoding one costs far more than a training step's share of it. So
+every file of a dataset is decoded and resized exactly once, when the dataset is built, into one
+array (N, size, size) uint8 saved as `<cache_dir>/images/<dataset>-<size>px-<key>.npy`, and read
+back with `np.load(mmap_mode="r")`: DataLoader workers share its pages and an item costs a copy of
+size * size bytes. The key is the sha256 of the cache format, the size and, for each file, its path,
+byte size and modification time: a changed, added or removed file gives a new cache.
+
+Decoding also validates: a file that is missing, corrupt or truncated is found here, before
+training, never mid-epoch. Its index and reason are stored beside the array
+(`<same name>.json`), so that a cached dataset reports the same bad files without decoding again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+#: Changes whenever decoding or resizing does: it keys the cache.
+CACHE_FORMAT = "xray-images-1"
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; `reason` is the skip reason it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _to_grey8(image) -> "object":
+    """A Pillow image as mode L: 8-bit images as they are (colour by Pillow's luma), 16-bit and
+    float images linearly rescaled from their own minimum..maximum to 0..255."""
+    from PIL import Image
+
+    if image.mode in ("L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "1"):
+        return image.convert("L")
+    values = np.asarray(image, dtype=np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """The image file at `path` as a (size, size) uint8 grey array.
+
+    Decoded with Pillow (fully: a truncated file fails here), turned into one grey channel (see
+    `_to_grey8`) and resized to size x size with bilinear (antialiased) filtering, without keeping
+    the aspect ratio, as `vkd-pyro predict` reads images. JPEGs are decoded at the smallest DCT
+    scale that still gives at least 2 * size pixels a side, which is several times faster on
+    full-size radiographs. Raises BadImage("image file missing") or BadImage("unreadable image").
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("L", (2 * size, 2 * size))
+            image.load()
+            grey = _to_grey8(image).resize((size, size), Image.BILINEAR)
+            return np.asarray(grey, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise BadImage("image file missing", str(path)) from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+        raise BadImage("unreadable image (corrupt or truncated)", f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_job(job: tuple) -> tuple[int, Optional[np.ndarray], Optional[tuple[str, str]]]:
+    index, path, size = job
+    try:
+        return index, decode_image(path, size), None
+    except BadImage as exc:
+        return index, None, (exc.reason, exc.detail)
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+        return (path, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (path, None, None)
+
+
+def cache_key(paths: Sequence[str], size: int) -> str:
+    """sha256 (24 hex digits) of the cache format, `size` and each file's path, byte size and mtime."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{int(size)}\0{len(paths)}".encode())
+    for path in paths:
+        digest.update(repr(_file_stamp(str(path))).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def cache_path(cache_dir: os.PathLike, dataset: str, paths: Sequence[str], size: int) -> Path:
+    """The .npy file that caches `paths` decoded at `size` for `dataset`."""
+    return Path(cache_dir) / "images" / f"{dataset}-{int(size)}px-{cache_key(paths, size)}.npy"
+
+
+def load_or_decode(paths: Sequence[str], size: int, cache_dir: Optional[os.PathLike], dataset: str,
+                   on_bad: Callable[[int, str, str], None], workers: int = 0,
+                   progress: Optional[Callable[[str], None]] = None) -> np.ndarray:
+    """The images at `paths` as an (N, size, size) uint8 array (a read-only memmap when cached).
+
+    Every file is decoded once (`decode_image`, in `workers` processes when > 1) and the result is
+    cached under `cache_dir` (nothing is cached when it is None). For each bad file `on_bad(index,
+    reason, detail)` is called in index order, on a fresh decode and on a cache hit alike; its row
+    of the array is left black. `on_bad` may raise (the `error` policy): then nothing is cached.
+    """
+    paths = [str(p) for p in paths]
+    size = int(size)
+    target = cache_path(cache_dir, dataset, paths, size) if cache_dir is not None else None
+    if target is not None and target.is_file() and target.with_suffix(".json").is_file():
+        try:
+            images = np.load(target, mmap_mode="r")
+            meta = json.loads(target.with_suffix(".json").read_text())
+            ok = images.shape == (len(paths), size, size) and meta.get("format") == CACHE_FORMAT
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            for index, reason, detail in meta.get("bad", []):
+                on_bad(int(index), reason, detail)
+            return images
+
+    started = time.perf_counter()
+    bad: list[tuple[int, str, str]] = []
+    tmp = None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp.npy")
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+    else:
+        images = np.zeros((len(paths), size, size), dtype=np.uint8)
+    jobs = [(i, p, size) for i, p in enumerate(paths)]
+    try:
+        if workers > 1 and len(jobs) >= 4 * workers:
+            with get_context("fork").Pool(workers) as pool:
+                results = pool.imap(_decode_job, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+                for index, array, failure in results:
+                    _store(images, bad, on_bad, index, array, failure, paths)
+        else:
+            for job in jobs:
+                _store(images, bad, on_bad, *_decode_job(job), paths)
+        if tmp is not None:
+            images.flush()
+            del images
+            meta = {"format": CACHE_FORMAT, "size": size, "count": len(paths), "bad": bad}
+            tmp.with_suffix(".json").write_text(json.dumps(meta))
+            os.replace(tmp.with_suffix(".json"), target.with_suffix(".json"))
+            os.replace(tmp, target)
+            images = np.load(target, mmap_mode="r")
+    finally:
+        if tmp is not None:
+            for leftover in (tmp, tmp.with_suffix(".json")):
+                if leftover.exists():
+                    leftover.unlink()
+    if progress is not None:
+        seconds = time.perf_counter() - started
+        progress(f"{dataset}: decoded {len(paths)} image files at {size} px in {seconds:.1f} s "
+                 f"({len(paths) / max(seconds, 1e-9):.0f} images/s)" + (f"; cached in {target}" if target else ""))
+    return images
+
+
+def _store(images, bad, on_bad, index, array, failure, paths) -> None:
+    if failure is None:
+        images[index] = array
+        return
+    reason, detail = failure
+    on_bad(index, reason, detail)  # may raise (error policy)
+    bad.append((index, reason, detail))
