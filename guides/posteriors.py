@@ -17,30 +17,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import ConditionalFlow, GaussianMLP, LowRankGaussianMLP
+from vkd_pyro.networks import ConditionalFlow, DiagonalNormalFamily, GaussianMLP, LowRankNormalFamily
 
 
-class DiagonalNormalPosterior(GaussianMLP):
+class DiagonalNormalPosterior(DiagonalNormalFamily):
     """q(z_T | x_T) = N(loc(x_T), diag scale(x_T)^2): the paper's posterior (Sec. 3.5)."""
 
-    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5):
-        super().__init__(in_features, hidden, z_dim, dropout)
 
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.loc_scale(features)
-        return dist.Normal(loc, scale).to_event(1)
-
-
-class LowRankNormalPosterior(LowRankGaussianMLP):
+class LowRankNormalPosterior(LowRankNormalFamily):
     """q(z_T | x_T) = N(loc(x_T), W(x_T) W(x_T)^T + diag d(x_T)), W of shape (z_dim, rank)."""
-
-    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
-                 rank: int = 8):
-        super().__init__(in_features, hidden, z_dim, rank, dropout)
-
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, cov_factor, cov_diag = super().forward(features)
-        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
 
 
 class FlowPosterior(nn.Module):

@@ -18,34 +18,20 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import ConditionalFlow, GaussianMLP, LowRankGaussianMLP, MixtureGaussianMLP
+from vkd_pyro.networks import (ConditionalFlow, DiagonalNormalFamily, GaussianMLP, LowRankNormalFamily,
+                               MixtureGaussianMLP)
 
 
-class DiagonalNormalPrior(GaussianMLP):
+class DiagonalNormalPrior(DiagonalNormalFamily):
     """p(z_I | x_I) = N(loc(x_I), diag scale(x_I)^2): the paper's prior (Sec. 3.5)."""
 
-    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5):
-        super().__init__(in_features, hidden, z_dim, dropout)
 
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.loc_scale(features)
-        return dist.Normal(loc, scale).to_event(1)
-
-
-class LowRankNormalPrior(LowRankGaussianMLP):
+class LowRankNormalPrior(LowRankNormalFamily):
     """p(z_I | x_I) = N(loc(x_I), W(x_I) W(x_I)^T + diag d(x_I)), W of shape (z_dim, rank).
 
     Correlated latent dimensions at O(z_dim rank^2) cost. Closed-form KL against itself, the diagonal
     and the standard Normal (Pyro's and `vkd_pyro.kl`'s registrations).
     """
-
-    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
-                 rank: int = 8):
-        super().__init__(in_features, hidden, z_dim, rank, dropout)
-
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, cov_factor, cov_diag = super().forward(features)
-        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
 
 
 class MixtureNormalPrior(MixtureGaussianMLP):

@@ -8,7 +8,6 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from data_fixtures import (build_chestxray14, build_mimic_cxr, build_openi, corrupt, real_openi_xml, rewrite_gz_csv,

@@ -87,6 +87,15 @@ def test_user_mistakes_give_one_line_and_status_2(argv, message, capsys):
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
+def test_overrides_may_follow_flags(capsys):
+    argv = ["train", "--config", "configs/demo.yaml", "--no-progress", "model.zdim=3"]
+    assert main(argv) == 2  # the override reached the config (and was refused there)
+    assert "model.zdim: unknown key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/demo.yaml", "--bogus"])
+    assert exit_info.value.code == 2
+
+
 def test_predict_on_a_missing_image(run_dir, capsys):
     assert main(["predict", "--run", str(run_dir), "missing.png"]) == 2
     assert "missing.png: image not found" in capsys.readouterr().err

@@ -148,8 +148,19 @@ COMMANDS.update(ANALYSIS_COMMANDS)
 COMMANDS.update(DATA_COMMANDS)
 
 
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may also stand after the flags."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         COMMANDS[args.command](args)
     except UserError as exc:

@@ -12,7 +12,7 @@ from pyro.infer import Predictive
 from torch import nn
 
 from vkd_pyro.batching import Batch
-from vkd_pyro.objective import ObjectiveTerms, make_elbo, term_vector, terms_from_sums
+from vkd_pyro.objective import make_elbo, term_vector, terms_from_sums
 
 
 class VKDModule(nn.Module):

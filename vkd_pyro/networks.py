@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
@@ -139,3 +140,27 @@ class ConditionalFlow(nn.Module):
                 out.append(T.Permute(self.reversal))
             out.append(transform.condition(context))
         return out
+
+
+class DiagonalNormalFamily(GaussianMLP):
+    """features -> N(loc(features), diag scale(features)^2), event shape (z_dim,): the paper's
+    conditional Gaussian, as prior p(z_I|x_I) and as posterior q(z_T|x_T) (`vkd_pyro.families`)."""
+
+    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5):
+        super().__init__(in_features, hidden, z_dim, dropout)
+
+    def forward(self, features: torch.Tensor):
+        loc, scale = self.loc_scale(features)
+        return dist.Normal(loc, scale).to_event(1)
+
+
+class LowRankNormalFamily(LowRankGaussianMLP):
+    """features -> N(loc, W W^T + diag d), W of shape (z_dim, rank), all functions of the features."""
+
+    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
+                 rank: int = 8):
+        super().__init__(in_features, hidden, z_dim, rank, dropout)
+
+    def forward(self, features: torch.Tensor):
+        loc, cov_factor, cov_diag = super().forward(features)
+        return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
