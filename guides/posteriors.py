@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import pyro.distributions as dist
-import torch
-from torch import nn
-
-from vkd_pyro.networks import ConditionalFlow, DiagonalNormalFamily, GaussianMLP, LowRankNormalFamily
+from vkd_pyro.networks import DiagonalNormalFamily, FlowFamily, LowRankNormalFamily
 
 
 class DiagonalNormalPosterior(DiagonalNormalFamily):
@@ -28,7 +24,7 @@ class LowRankNormalPosterior(LowRankNormalFamily):
     """q(z_T | x_T) = N(loc(x_T), W(x_T) W(x_T)^T + diag d(x_T)), W of shape (z_dim, rank)."""
 
 
-class FlowPosterior(nn.Module):
+class FlowPosterior(FlowFamily):
     """q(z_T | x_T): z = f_K(... f_1(z_0; x_T) ...; x_T), z_0 ~ N(loc(x_T), diag scale(x_T)^2).
 
     log q(z | x_T) = log N(z_0; loc, scale) - sum_k log |det d f_k / d z_{k-1}|. The default
@@ -39,10 +35,4 @@ class FlowPosterior(nn.Module):
 
     def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
                  transform: str = "affine_autoregressive", layers: int = 2):
-        super().__init__()
-        self.base = GaussianMLP(in_features, hidden, z_dim, dropout)
-        self.flow = ConditionalFlow(transform, z_dim, in_features, hidden, layers)
-
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.base.loc_scale(features)
-        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), self.flow.condition(features))
+        super().__init__(in_features, z_dim, hidden, dropout, transform, layers)

@@ -18,8 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import (ConditionalFlow, DiagonalNormalFamily, GaussianMLP, LowRankNormalFamily,
-                               MixtureGaussianMLP)
+from vkd_pyro.networks import DiagonalNormalFamily, FlowFamily, LowRankNormalFamily, MixtureGaussianMLP
 
 
 class DiagonalNormalPrior(DiagonalNormalFamily):
@@ -52,7 +51,7 @@ class MixtureNormalPrior(MixtureGaussianMLP):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
 
 
-class FlowPrior(nn.Module):
+class FlowPrior(FlowFamily):
     """p(z_I | x_I): z = f_K(... f_1(z_0; x_I) ...; x_I), z_0 ~ N(loc(x_I), diag scale(x_I)^2).
 
     log p(z | x_I) = log N(z_0; loc, scale) - sum_k log |det d f_k / d z_{k-1}|, with the
@@ -64,13 +63,7 @@ class FlowPrior(nn.Module):
 
     def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
                  transform: str = "affine_coupling", layers: int = 2):
-        super().__init__()
-        self.base = GaussianMLP(in_features, hidden, z_dim, dropout)
-        self.flow = ConditionalFlow(transform, z_dim, in_features, hidden, layers)
-
-    def forward(self, features: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.base.loc_scale(features)
-        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), self.flow.condition(features))
+        super().__init__(in_features, z_dim, hidden, dropout, transform, layers)
 
 
 class StandardNormalPrior(nn.Module):

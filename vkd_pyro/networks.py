@@ -164,3 +164,21 @@ class LowRankNormalFamily(LowRankGaussianMLP):
     def forward(self, features: torch.Tensor):
         loc, cov_factor, cov_diag = super().forward(features)
         return dist.LowRankMultivariateNormal(loc, cov_factor, cov_diag)
+
+
+class FlowFamily(nn.Module):
+    """features -> z = f_K(... f_1(z_0; x) ...; x), z_0 ~ N(loc(x), diag scale(x)^2), x the features.
+
+    log density: log N(z_0; loc, scale) - sum_k log |det d f_k / d z_{k-1}|, with the conditional
+    bijections of :class:`ConditionalFlow` (`transform`, `layers`) conditioned on the features.
+    """
+
+    def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5,
+                 transform: str = "affine_coupling", layers: int = 2):
+        super().__init__()
+        self.base = GaussianMLP(in_features, hidden, z_dim, dropout)
+        self.flow = ConditionalFlow(transform, z_dim, in_features, hidden, layers)
+
+    def forward(self, features: torch.Tensor):
+        loc, scale = self.base.loc_scale(features)
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), self.flow.condition(features))
