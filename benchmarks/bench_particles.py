@@ -13,7 +13,6 @@ Target: 16 vectorised particles cost at most 2x one particle.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import cached_batch, machine, median_step_ms, vkd_module  # noqa: E402
+from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
 from vkd_pyro.train import TrainStep  # noqa: E402
 
 
@@ -37,12 +36,7 @@ def stepper(module, batch):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16])
+    parser = timing_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)

@@ -24,7 +24,6 @@ argument checks on (Pyro's default; vkd_pyro.train turns them off); `--jit` the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -36,7 +35,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import cached_batch, machine, median_step_ms, vkd_module  # noqa: E402
+from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
 from vkd_pyro.objective import make_elbo  # noqa: E402
 from vkd_pyro.train import TrainStep  # noqa: E402
 
@@ -68,19 +67,14 @@ def hand_loss(module, batch, beta: float, L: int, M: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16], help="L = M values")
+    parser = timing_parser(__doc__.split("\n\n")[0], particles_help="L = M values")
     parser.add_argument("--validation", action="store_true", help="also time Pyro with validation on")
     parser.add_argument("--jit", action="store_true", help="also time the jit_trace ELBO")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
     print(f"machine: {machine()}")
-    print(f"batch 64, z 512, image features 1024, text features 384, MLPs [512, 512], dropout 0.5, Adam")
+    print("batch 64, z 512, image features 1024, text features 384, MLPs [512, 512], dropout 0.5, Adam")
     header = f"{'L = M':>6} {'Pyro ms':>9} {'Pyro lazy ms':>13} {'PyTorch ms':>11} {'ratio':>7} {'ratio lazy':>11}"
     if args.validation:
         header += f" {'Pyro+validation ms':>19}"

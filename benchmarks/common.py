@@ -7,6 +7,7 @@ part of VKD (prior and posterior MLPs {512, 512}, z of 512, both classifiers, th
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -106,3 +107,14 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, pyro {pyro.__version__}"
+
+
+def timing_parser(description: str, particles_help: str = "L values") -> argparse.ArgumentParser:
+    """The command-line options every CPU benchmark shares: rounds, steps a round, warm-up, threads, L."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--particles", type=int, nargs="+", default=[1, 4, 16], help=particles_help)
+    return parser
