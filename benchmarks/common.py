@@ -14,12 +14,12 @@ import time
 from typing import Callable
 
 import torch
+from pyro.distributions import Normal
 from torch import nn
 
 from guides import EHRPosterior
 from models import VKDModel
 from vkd_pyro.batching import Batch
-from vkd_pyro.broadcast import BroadcastNormal
 from vkd_pyro.classes import NUM_CLASSES
 from vkd_pyro.module import VKDModule
 from vkd_pyro.networks import GaussianMLP
@@ -45,21 +45,21 @@ class PooledText(nn.Module):
         return states[:, 0]
 
 
-class LazyDiagonal(GaussianMLP):
-    """The paper's diagonal Gaussian family (prior or posterior MLP) returning a BroadcastNormal:
-    the same values, broadcast lazily over the particles (vkd_pyro.broadcast)."""
+class EagerDiagonal(GaussianMLP):
+    """The paper's diagonal Gaussian family (prior or posterior MLP) with pyro's own Normal, whose
+    log density works on the L-fold expanded parameters (the families' BroadcastNormal does not)."""
 
     def forward(self, features: torch.Tensor):
         loc, scale = self.loc_scale(features)
-        return BroadcastNormal(loc, scale).to_event(1)
+        return Normal(loc, scale).to_event(1)
 
 
 def vkd_module(L: int = 1, M: int = 1, vectorize: bool = True, dropout: float = 0.5,
-               lazy: bool = False) -> VKDModule:
+               eager: bool = False) -> VKDModule:
     """The VKD module (Trace_ELBO, L guide particles, M prior samples) on cached features.
-    lazy: the diagonal Gaussians are BroadcastNormals (the same values, less work with L > 1)."""
-    prior_net = LazyDiagonal(IMAGE_FEATURES, HIDDEN, Z, dropout) if lazy else None
-    posterior_net = LazyDiagonal(TEXT_FEATURES, HIDDEN, Z, dropout) if lazy else None
+    eager: the diagonal Gaussians are pyro's Normal instead of the families' BroadcastNormal."""
+    prior_net = EagerDiagonal(IMAGE_FEATURES, HIDDEN, Z, dropout) if eager else None
+    posterior_net = EagerDiagonal(TEXT_FEATURES, HIDDEN, Z, dropout) if eager else None
     model = VKDModel(CachedImageFeatures(), NUM_CLASSES, z_dim=Z, hidden=HIDDEN, dropout=dropout, prior_samples=M,
                      prior_net=prior_net)
     guide = EHRPosterior(PooledText(), z_dim=Z, hidden=HIDDEN, dropout=dropout, posterior_net=posterior_net)

@@ -31,7 +31,7 @@ from vkd_pyro.batching import Batch  # noqa: E402
 from vkd_pyro.build import build_module  # noqa: E402
 from vkd_pyro.classes import NUM_CLASSES  # noqa: E402
 from vkd_pyro.config import load_config  # noqa: E402
-from vkd_pyro.train import TrainStep  # noqa: E402
+from vkd_pyro.train import TrainStep, adam  # noqa: E402
 
 TEXT_BLOCKS = {384: {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536},   # all-MiniLM-L6-v2
                768: {"hidden_size": 768, "num_heads": 12, "intermediate_size": 3072}}   # ClinicalBERT
@@ -57,7 +57,7 @@ def run(amp: str, args, device) -> dict:
     pyro.set_rng_seed(0)
     module = build_module(config, TEXT_BLOCKS[args.text_width]).to(device)
     module.train()
-    step = TrainStep(module, module, torch.optim.Adam(module.parameters(), lr=1e-4))
+    step = TrainStep(module, module, adam(module, lr=1e-4))
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(args.batch_size, args.image_size, args.tokens, args.text_width, device, generator)
                for _ in range(4)]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.priors import DiagonalNormalPrior
@@ -103,7 +104,7 @@ class VKDModel(nn.Module):
                     z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
             # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
             z_image, score = draw(prior, self.prior_samples)  # score: None when fully reparameterised
-            log_lik = _bernoulli_log_prob(self.class_logits(z_image, features), labels, label_mask)
+            log_lik = bernoulli_log_lik(self.class_logits(z_image, features), labels, label_mask)
             pyro.factor("image_log_lik", monte_carlo_mean(log_lik, score))
             if self.text_classifier is not None:  # L_MI: log q(y | z_T) at the guide's sample
                 likelihood = dist.Bernoulli(logits=self.text_classifier(z_text))
@@ -112,9 +113,11 @@ class VKDModel(nn.Module):
                 pyro.sample("text_labels", likelihood.to_event(1), obs=labels)
 
 
-def _bernoulli_log_prob(logits: torch.Tensor, labels: torch.Tensor, label_mask: Optional[torch.Tensor]):
-    """sum_c log Bernoulli(y_c | sigmoid(logit_c)), over the classes that label_mask keeps."""
-    log_prob = dist.Bernoulli(logits=logits).log_prob(labels.expand(logits.shape))
+def bernoulli_log_lik(logits: torch.Tensor, labels: torch.Tensor,
+                      label_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_c log Bernoulli(y_c | sigmoid(logit_c)) = -sum_c BCE(logit_c, y_c) over the last dim (the
+    classes label_mask keeps); logits (..., B, C) broadcast against labels (B, C)."""
+    log_prob = -F.binary_cross_entropy_with_logits(logits, labels.expand(logits.shape), reduction="none")
     if label_mask is not None:
         log_prob = log_prob * label_mask
     return log_prob.sum(-1)

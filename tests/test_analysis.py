@@ -10,11 +10,9 @@ from PIL import Image
 import vkd_pyro.train
 from vkd_pyro.cli import main
 from vkd_pyro.sweep import parse_grid, run_name, split_values
+from tests.tiny_runs import tiny_overrides
 
-TINY = ["data.max_reports=60", "data.image_size=32", "model.z_dim=16", "model.hidden=[16]",
-        "image_encoder.width=8", "image_encoder.out_features=32", "text_encoder.block_width=32",
-        "text_encoder.block_heads=2", "text_encoder.block_ffn=64", "train.max_epochs=1", "train.batch_size=16",
-        "inference.test_samples=2", "train.progress=false"]
+TINY = tiny_overrides()
 
 
 @pytest.fixture(scope="module")

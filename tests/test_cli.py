@@ -9,11 +9,9 @@ from PIL import Image
 
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.cli import main
+from tests.tiny_runs import tiny_overrides
 
-TINY = ["data.max_reports=60", "data.image_size=32", "model.z_dim=16", "model.hidden=[32]",
-        "image_encoder.width=8", "image_encoder.out_features=32", "text_encoder.block_width=32",
-        "text_encoder.block_heads=2", "text_encoder.block_ffn=64", "train.max_epochs=2", "train.batch_size=16",
-        "inference.test_samples=4", "train.progress=false"]
+TINY = tiny_overrides({"model.hidden": "[32]", "train.max_epochs": 2, "inference.test_samples": 4})
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ from vkd_pyro.checkpoint import load_resume_state
 from vkd_pyro.config import load_config
 from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, shard
 from vkd_pyro.train import fit
+from tests.tiny_runs import tiny_overrides
 
-TINY = ["data.max_reports=60", "data.image_size=32", "model.z_dim=16", "model.hidden=[16]", "model.dropout=0",
-        "text_encoder.block_width=32", "text_encoder.dropout=0", "image_encoder.width=4",
-        "image_encoder.out_features=16", "inference.test_samples=2", "train.batch_size=8", "train.max_epochs=2",
-        "train.patience=5", "train.progress=false"]
+TINY = tiny_overrides({"model.dropout": 0, "text_encoder.dropout": 0, "image_encoder.width": 4,
+                       "image_encoder.out_features": 16, "text_encoder.block_heads": None, "text_encoder.block_ffn": None,
+                       "train.batch_size": 8, "train.max_epochs": 2, "train.patience": 5})
 
 
 # --------------------------------------------------------------------------- the batch plan

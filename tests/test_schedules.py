@@ -36,6 +36,15 @@ def test_schedule_from_config():
     assert {constant(t) for t in range(1, 17)} == {0.25}
 
 
+def test_eq9_with_fewer_iterations_than_cycles_never_weights_the_kl_and_says_so():
+    few = KLSchedule(AnnealingConfig(schedule="cyclical", R=0.5, C=4), 4)
+    assert [few(t) for t in range(1, 5)] == [0.0] * 4  # ceil(T / C) = 1: tau = 0 at every step
+    assert "C = 4" in few.warning() and "beta at 0" in few.warning()
+    enough = KLSchedule(AnnealingConfig(schedule="cyclical", R=0.5, C=4), 5)
+    assert max(enough(t) for t in range(1, 6)) == 1.0 and enough.warning() is None
+    assert KLSchedule(AnnealingConfig(schedule="none"), 1).warning() is None
+
+
 def test_iterations_count_from_one():
     with pytest.raises(ValueError):
         cyclical_beta(0, 10)

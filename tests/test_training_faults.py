@@ -29,13 +29,14 @@ from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.errors import TrainingDiverged
 from vkd_pyro.module import VKDModule
-from vkd_pyro.train import SignalFlag, TrainStep, fit
+from vkd_pyro.stops import SignalFlag
+from vkd_pyro.train import TrainStep, fit
+from tests.tiny_runs import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data.max_reports=60", "data.image_size=32", "model.z_dim=16", "model.hidden=[16]",
-        "text_encoder.block_width=32", "image_encoder.width=4", "image_encoder.out_features=16",
-        "inference.test_samples=2", "train.batch_size=8", "train.max_epochs=2", "train.patience=5",
-        "train.progress=false"]
+TINY = tiny_overrides({"image_encoder.width": 4, "image_encoder.out_features": 16, "text_encoder.block_heads": None,
+                       "text_encoder.block_ffn": None, "train.batch_size": 8, "train.max_epochs": 2,
+                       "train.patience": 5})
 TIMING_KEYS = {"train_seconds", "steps_per_second", "train_steps"}
 
 

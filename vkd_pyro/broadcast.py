@@ -1,40 +1,49 @@
-"""A diagonal Normal that Pyro's particle plate broadcasts lazily, and the KL that goes with it.
+"""A diagonal Normal whose log density is evaluated on its unbroadcast parameters.
 
 With L vectorised particles (`Trace_ELBO(vectorize_particles=True)`), Pyro broadcasts every
-site's distribution to batch shape (L, B) with `fn.expand(...)`. torch's `Normal.expand`
-materialises that as expanded parameter views, and every density then recomputes scale^2 and
+site's distribution to batch shape (L, B) with `fn.expand(...)`. torch's `Normal.expand` gives
+parameter views of that shape (no copy), but `Normal.log_prob` then computes scale^2 and
 log(scale) over all L x B x D elements although they are the same for each particle.
-:class:`BroadcastNormal` expands to Pyro's :class:`ExpandedDistribution` instead: its log density
-evaluates the base Normal (parameters (B, D)) at the (L, B, D) value by broadcasting, and its draws
-are the same standard Normal numbers in the same order as the eager expansion's. The values are
-those of `pyro.distributions.Normal`; only the work differs (benchmarks/bench_svi.py shows both).
+:class:`BroadcastNormal` is that Normal (the same class for every KL registration, the same draws)
+whose expansions remember the parameters they were expanded from; its log density
 
-KL(q || p) between two ExpandedDistributions of the same batch shape is the KL of their bases,
-broadcast (registered here, so that `TraceMeanField_ELBO` and the term recorder keep their closed
-form for such pairs).
+    log N(z | mu, sigma^2) = -(z - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi)
+
+evaluates sigma^2 and log sigma on those (B, D) parameters and broadcasts against the (L, B, D)
+value. The values are those of `pyro.distributions.Normal`; only the work differs
+(tests/test_broadcast.py checks values and gradients, benchmarks/bench_svi.py times both).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import Normal
-from pyro.distributions.torch_distribution import ExpandedDistribution
-from torch.distributions import kl_divergence, register_kl
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class BroadcastNormal(Normal):
-    """`pyro.distributions.Normal` whose `expand` is lazy (an ExpandedDistribution of itself)."""
+    """`pyro.distributions.Normal` whose expansions compute log densities on the unexpanded loc and scale."""
 
     def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
-        return ExpandedDistribution(self, batch_shape)
+        new = super().expand(batch_shape, _instance)
+        new._unexpanded = self.unexpanded()
+        return new
 
+    def unexpanded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) as the distribution was built, before any `expand`."""
+        return getattr(self, "_unexpanded", (self.loc, self.scale))
 
-@register_kl(ExpandedDistribution, ExpandedDistribution)
-def _kl_expanded_expanded(q: ExpandedDistribution, p: ExpandedDistribution) -> torch.Tensor:
-    """KL of the bases, broadcast to the common batch shape (each expanded element is a copy)."""
-    if q.batch_shape != p.batch_shape:
-        raise NotImplementedError
-    return kl_divergence(q.base_dist, p.base_dist).expand(q.batch_shape)
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        loc, scale = self.unexpanded()
+        # three new tensors of the value's size (then in place); the rest is of the parameters' size
+        log_prob = ((value - loc) * scale.reciprocal()).square()
+        log_prob = log_prob.mul_(-0.5).sub_(scale.log() + HALF_LOG_2PI)
+        batch = self.batch_shape
+        if log_prob.shape[max(0, log_prob.dim() - len(batch)):] != batch:  # a value smaller than the batch
+            log_prob = log_prob.expand(torch.broadcast_shapes(log_prob.shape, batch))
+        return log_prob

@@ -76,7 +76,7 @@ def _cmd_train(args) -> None:
 
     progress = False if args.no_progress else None
     if args.resume is not None:
-        from vkd_pyro.train import resume_config
+        from vkd_pyro.resume import resume_config
 
         if args.config is not None or args.out is not None:
             raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")

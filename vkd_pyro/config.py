@@ -283,19 +283,31 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def split_assignment(text: str) -> Optional[tuple[str, str]]:
+    """`key=rest` -> ("key", "rest") (the key stripped); None when there is no `=` or no key."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    return (key, raw) if sep and key else None
+
+
+def parse_value(raw: str) -> Any:
+    """A value as YAML reads it (1 -> int, 0.5 -> float, true -> bool, [1, 2] -> list); the text
+    itself when it is not YAML; "" for blank text."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` -> ("key.sub", value parsed as YAML)."""
-    if "=" not in text:
+    assignment = split_assignment(text)
+    if assignment is None:
         raise ConfigError(f"{text}: overrides are written key.sub=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"{text}: overrides are written key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+    key, raw = assignment
+    return key, parse_value(raw)
 
 
 def config_from_dict(values: dict, source: str = "config", overrides: typing.Sequence[str] = ()) -> Config:

@@ -38,9 +38,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from models.vkd import bernoulli_log_lik
 from vkd_pyro.batching import collate
 
 ELBO_TERMS = ("loss", "image_nll", "text_nll", "kl")
@@ -112,15 +112,6 @@ def diagonal_normal(distribution) -> Optional[tuple[torch.Tensor, torch.Tensor]]
     if isinstance(base, torch.distributions.Normal):
         return base.loc, base.scale
     return None
-
-
-def bernoulli_log_lik(logits: torch.Tensor, labels: torch.Tensor,
-                      label_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_c log Bernoulli(y_c | sigmoid(logit_c)) over the last dim (the classes label_mask keeps)."""
-    log_prob = -F.binary_cross_entropy_with_logits(logits, labels.expand(logits.shape), reduction="none")
-    if label_mask is not None:
-        log_prob = log_prob * label_mask
-    return log_prob.sum(-1)
 
 
 # --------------------------------------------------------------------------- ELBO terms

@@ -58,6 +58,12 @@ def context() -> DistContext:
     return _CONTEXT
 
 
+def say(message: str) -> None:
+    """Print a line (only on rank 0 when several processes train)."""
+    if _CONTEXT.is_main:
+        print(message, flush=True)
+
+
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun sets it (1 when unset)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vkd_pyro.broadcast import BroadcastNormal
+
 MIN_SCALE = 1e-4  # scales and variances are softplus(.) + MIN_SCALE > 0
 
 
@@ -144,14 +146,18 @@ class ConditionalFlow(nn.Module):
 
 class DiagonalNormalFamily(GaussianMLP):
     """features -> N(loc(features), diag scale(features)^2), event shape (z_dim,): the paper's
-    conditional Gaussian, as prior p(z_I|x_I) and as posterior q(z_T|x_T) (`vkd_pyro.families`)."""
+    conditional Gaussian, as prior p(z_I|x_I) and as posterior q(z_T|x_T) (`vkd_pyro.families`).
+
+    The Normal is a :class:`~vkd_pyro.broadcast.BroadcastNormal`: Pyro's Normal, whose broadcast over
+    the L vectorised particles is lazy (the same values and draws, without L copies of loc and scale).
+    """
 
     def __init__(self, in_features: int, z_dim: int, hidden: Sequence[int] = (512, 512), dropout: float = 0.5):
         super().__init__(in_features, hidden, z_dim, dropout)
 
     def forward(self, features: torch.Tensor):
         loc, scale = self.loc_scale(features)
-        return dist.Normal(loc, scale).to_event(1)
+        return BroadcastNormal(loc, scale).to_event(1)
 
 
 class LowRankNormalFamily(LowRankGaussianMLP):

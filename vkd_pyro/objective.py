@@ -95,7 +95,7 @@ def _kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor:
 
 def _normal_parameters(fn) -> Optional[tuple]:
     """(loc, scale) of a diagonal Normal with one event dimension, else None."""
-    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1 and type(fn.base_dist) in (Normal, TorchNormal):
+    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims == 1 and isinstance(fn.base_dist, TorchNormal):
         return fn.base_dist.loc, fn.base_dist.scale
     return None
 
@@ -163,12 +163,13 @@ MEANFIELD_ELBOS = ("meanfield", "jit_meanfield")  # these need an analytic KL(q 
 
 
 def make_elbo(kind: str, num_particles: int) -> TermRecorder:
-    """The ELBO estimator `kind` with `num_particles` (L) vectorised particles."""
+    """The ELBO estimator `kind` with `num_particles` (L) vectorised particles (one particle: one
+    trace without a particle dimension, which only the plate for it would cost)."""
     if kind in JIT_ELBOS:
         from vkd_pyro.compiled import CompiledELBO
 
         return CompiledELBO(make_elbo(JIT_ELBOS[kind], num_particles))
-    return ELBOS[kind](num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    return ELBOS[kind](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
 
 TERM_NAMES = ("loss", "image_nll", "text_nll", "kl")

@@ -23,6 +23,7 @@ the epoch:
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pyro
 import torch
@@ -90,6 +91,15 @@ class KLSchedule:
     def __init__(self, config: AnnealingConfig, iterations_per_epoch: int):
         self.config = config
         self.T = iterations_per_epoch
+
+    def warning(self) -> Optional[str]:
+        """A line for the user when the schedule never weights the KL term, else None: Eq. 9 with
+        T <= C iterations an epoch has ceil(T / C) = 1, so tau = 0 and beta = g(0) = 0 at every step."""
+        c = self.config
+        if c.schedule == "cyclical" and self.T <= c.C:
+            return (f"note: inference.annealing: {self.T} iteration(s) an epoch <= C = {c.C} cycles, so Eq. 9 keeps "
+                    f"beta at 0 (no KL term); set inference.annealing.C below {self.T} or use smaller batches")
+        return None
 
     def __call__(self, t: int, epoch: int = 1) -> float:
         c = self.config

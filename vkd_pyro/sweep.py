@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import yaml
 
+from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.errors import UserError
 
 # Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
@@ -100,12 +100,10 @@ def parse_grid(specs: Sequence[str]) -> list[Axis]:
     """`key=v1,v2,...` specs to axes; a repeated key or an empty value is a UserError."""
     axes, seen = [], set()
     for spec in specs:
-        if "=" not in spec:
+        assignment = split_assignment(spec)
+        if assignment is None:
             raise UserError(f"--grid {spec}: write key=value1,value2,...")
-        key, raw = spec.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise UserError(f"--grid {spec}: write key=value1,value2,...")
+        key, raw = assignment
         if key == "seed":
             raise UserError("--grid seed=...: use --seeds N for seeds")
         if key in seen:
@@ -116,12 +114,7 @@ def parse_grid(specs: Sequence[str]) -> list[Axis]:
             raise UserError(f"--grid {spec}: an empty value")
         if len(set(texts)) != len(texts):
             raise UserError(f"--grid {spec}: a value is repeated")
-        values = []
-        for t in texts:
-            try:
-                values.append(yaml.safe_load(t))
-            except yaml.YAMLError:
-                values.append(t)
+        values = [parse_value(t) for t in texts]
         axes.append(Axis(key, texts, values))
     return axes
 
@@ -139,8 +132,6 @@ def run_name(assignment: dict, seed: int) -> str:
 def plan(config_path: str, axes: Sequence[Axis], seeds: int, out_dir: Path,
          overrides: Sequence[str] = ()) -> list[PlannedRun]:
     """Every (grid point, seed) as a PlannedRun; every config is built (validated) before any run starts."""
-    from vkd_pyro.config import load_config
-
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
     base = load_config(config_path, overrides).seed
@@ -396,7 +387,6 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
     started again tries it again.
     """
-    from vkd_pyro.config import load_config
 
     if fit is None:
         from vkd_pyro.train import fit

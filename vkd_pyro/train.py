@@ -6,21 +6,17 @@ checkpoint with the best validation macro AUC; `report` evaluates a split from i
 writes metrics.json and roc.png.
 
 The loop survives faults and uses the hardware: the batch order is a function of (seed, epoch)
-(vkd_pyro.sampling), so `fit(resume=True)` continues from last.pt at the exact step of the epoch;
-SIGINT/SIGTERM write last.pt and raise `Interrupted`; a NaN or infinite loss term raises
-`TrainingDiverged` naming the step and the term (`FiniteWatch`, read without a per-step GPU sync);
-under torchrun the module is wrapped in DistributedDataParallel (vkd_pyro.distributed).
+(vkd_pyro.sampling), so `fit(resume=True)` continues from last.pt at the exact step of the epoch
+(vkd_pyro.resume); SIGINT/SIGTERM write last.pt and raise `Interrupted`; a NaN or infinite loss term
+raises `TrainingDiverged` naming the step and the term (vkd_pyro.stops: noted without a per-step GPU
+sync); under torchrun the module is wrapped in DistributedDataParallel (vkd_pyro.distributed).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,27 +31,22 @@ from tqdm.auto import tqdm
 from vkd_pyro import distributed
 from vkd_pyro.batching import Batch, PairedSplit, collate
 from vkd_pyro.build import build_module, text_dims, uses_reports
-from vkd_pyro.checkpoint import (RESUME_FORMAT, capture_rng_state, load_checkpoint, load_resume_state,
-                                 restore_rng_state, save_atomic)
+from vkd_pyro.checkpoint import load_checkpoint, load_resume_state, save_atomic
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.config import Config, save_config
 from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.data.splits import dataset_splits, split_label_mask
 from vkd_pyro.diagnostics import TrainingLogger
+from vkd_pyro.distributed import say
 from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
 from vkd_pyro.evaluate import auc_metrics, format_auc_table, plot_roc, predict_split
 from vkd_pyro.module import VKDModule
 from vkd_pyro.objective import TERM_NAMES
 from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
+from vkd_pyro.resume import (HISTORY_COLUMNS, RANK_SEED_STRIDE, LoopState, locate, restore, restore_rng,
+                             save_resume, write_history)
 from vkd_pyro.schedules import KLSchedule
-
-HISTORY_COLUMNS = ["epoch", "beta", "loss", "image_nll", "text_nll", "kl", "val_macro_auc", "seconds"]
-
-
-def say(message: str) -> None:
-    """Print a line (only on rank 0 when several processes train)."""
-    if distributed.context().is_main:
-        print(message, flush=True)
+from vkd_pyro.stops import FiniteWatch, SignalFlag, agreed_signal
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,62 +115,14 @@ def global_batches(split: PairedSplit, config: Config, epoch: int, world_size: i
     return batches
 
 
-class SignalFlag:
-    """While active (a context manager), SIGINT and SIGTERM are noted in `signum` instead of ending
-    the process, so that the training loop can write its resume state first. A second SIGINT
-    (Ctrl-C twice) raises KeyboardInterrupt at once. Outside the main thread it does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def request(self, signum: int) -> None:
-        """Act as if `signum` had arrived (train.stop_after_steps)."""
-        self.signum = signum
-
-    def __enter__(self) -> "SignalFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-class FiniteWatch:
-    """Remembers, on the device (no host read per step), the first step at which a loss term or
-    the gradient norm was NaN or infinite, and which of them; `read()` brings it to the host."""
-
-    NAMES = TERM_NAMES + ("gradient norm",)
-
-    def __init__(self, device: torch.device, global_step: int = 0):
-        self.step = torch.full((), int(global_step), dtype=torch.long, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad = torch.zeros(len(self.NAMES), dtype=torch.bool, device=device)
-
-    def observe(self, terms: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.step += 1
-        not_finite = ~torch.isfinite(torch.cat([terms, grad_norm.reshape(1).to(terms.dtype)]))
-        new = not_finite.any() & (self.first_bad < 0)
-        self.first_bad = torch.where(new, self.step, self.first_bad)
-        self.bad = torch.where(new, not_finite, self.bad)
-
-    def read(self) -> Optional[tuple[int, list[str]]]:
-        """(global step, names of the non-finite terms) of the first bad step, or None."""
-        values = torch.cat([self.first_bad.reshape(1), self.bad.long()]).tolist()
-        if values[0] < 0:
-            return None
-        return values[0], [name for name, bad in zip(self.NAMES, values[1:]) if bad]
+def adam(module: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam on the module's parameters (those without a gradient are left as they are), torch's fused
+    implementation where the device has it: one kernel over all parameters, where the default on the
+    CPU loops over them one at a time (benchmarks/README.md: the step 10-25% faster on the CPU);
+    the same update rule either way."""
+    params = list(module.parameters())
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 class TrainStep:
@@ -223,56 +166,6 @@ class _StepTerms:
     def __init__(self, terms: torch.Tensor, beta: float):
         self.loss, self.image_nll, self.text_nll, self.kl = terms.unbind(0)
         self.beta = beta
-
-
-@dataclass
-class LoopState:
-    """Where training stands: the next step is step `step_in_epoch + 1` of epoch `epoch`."""
-
-    epoch: int = 1
-    step_in_epoch: int = 0
-    global_step: int = 0
-    beta_sum: float = 0.0  # of this epoch's steps so far
-    best_auc: float = -math.inf
-    reference_auc: float = -math.inf
-    wait: int = 0
-    best_epoch: int = 0
-    history: list = field(default_factory=list)  # history.csv rows (strings)
-    seconds: float = 0.0  # training time of earlier sessions
-    finished: bool = False
-    stopped_early: bool = False
-    saved: Optional[str] = None  # what last.pt holds, for messages
-
-
-# Keys that `train --resume DIR key=value` may change: none changes the model, the data, the batch
-# order or the random draws of the run.
-RESUME_OVERRIDABLE = ("device", "cache_dir", "data.num_workers", "train.max_epochs", "train.patience",
-                      "train.progress", "train.tensorboard", "train.eval_batch_size", "train.lr", "train.grad_clip",
-                      "train.amp", "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
-                      "train.sync_batchnorm", "image_encoder.channels_last")
-
-
-def resume_config(run_dir, overrides=()) -> Config:
-    """The config of the run in `run_dir` (its config.yaml) with `overrides` of RESUME_OVERRIDABLE keys.
-
-    `train.stop_after_steps` (a debug interruption) is not carried over unless given again.
-    """
-    from vkd_pyro.config import load_config, parse_override
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run folder not found (--resume takes a folder written by `vkd-pyro train`)")
-    given = set()
-    for text in overrides:
-        key, _ = parse_override(text)
-        if key not in RESUME_OVERRIDABLE:
-            raise UserError(f"{key}: cannot be changed when resuming (it would change the model, the data or the "
-                            f"batch order); resumable keys: {', '.join(RESUME_OVERRIDABLE)}")
-        given.add(key)
-    config = load_config(run_dir / "config.yaml", overrides)
-    if "train.stop_after_steps" not in given:
-        config.train.stop_after_steps = None
-    return config
 
 
 def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: bool = False) -> dict:
@@ -327,16 +220,18 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
         f"M={inf.prior_samples} prior samples, S={inf.test_samples} test samples; "
         f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable parameters on {device}"
         + (f" x {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""))
-    optimizer = torch.optim.Adam(module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    optimizer = adam(module, tr.lr, tr.weight_decay)
     train_split = data.splits["train"]
     T = len(global_batches(train_split, config, 1, ctx.world_size))
     if T == 0:
         raise UserError(f"train.batch_size: {tr.batch_size} is smaller than the {ctx.world_size} processes")
     schedule = KLSchedule(inf.annealing, T)
+    if schedule.warning():
+        say(schedule.warning())
 
     loop, epoch_sums = LoopState(), torch.zeros(len(TERM_NAMES), device=device)
     if state is not None:
-        loop, epoch_sums = _restore(state, module, optimizer, config, out_dir, device)
+        loop, epoch_sums = restore(state, module, optimizer, config, out_dir, device)
     net = module
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -345,13 +240,13 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
         net = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=inf.objective == "no_mi")
     if state is not None:
-        _restore_rng(state, config, ctx, loop)
+        restore_rng(state, config, ctx, loop)
     elif ctx.enabled:  # the same initial weights (DDP copies rank 0's anyway), different draws
         pyro.set_rng_seed(config.seed + RANK_SEED_STRIDE * ctx.rank)
 
     paths = {"history": out_dir / "history.csv", "last": out_dir / "last.pt", "best": out_dir / "checkpoint.pt"}
     if ctx.is_main:
-        _write_history(paths["history"], loop.history)
+        write_history(paths["history"], loop.history)
     logger = TrainingLogger(out_dir, tr.tensorboard and ctx.is_main, start_step=loop.global_step)
     show = (tr.progress if progress is None else progress) and ctx.is_main
     sync_every = 1 if device.type == "cpu" else tr.log_every
@@ -362,7 +257,7 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
     def save_last() -> None:
         loop.seconds += time.perf_counter() - save_last.since
         save_last.since = time.perf_counter()
-        _save_resume(paths["last"], module, optimizer, loop, epoch_sums, T, config, data, ctx)
+        save_resume(paths["last"], module, optimizer, loop, epoch_sums, T, config, data.dims, ctx)
 
     save_last.since = started if state is None else session_start
 
@@ -371,7 +266,7 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
         bad = watch.read()
         if bad is not None:
             bad_step, names = bad
-            epoch, in_epoch = _locate(bad_step, loop, T)
+            epoch, in_epoch = locate(bad_step, loop, T)
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch}, step {in_epoch} (step {bad_step} in all): "
                 f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not finite; "
@@ -383,7 +278,7 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
             values = terms.tolist()
             bar.set_postfix(loss=f"{values[0]:.3f}", img=f"{values[1]:.3f}", txt=f"{values[2]:.3f}",
                             kl=f"{values[3]:.2f}")
-        signum = _agreed_signal(stop, device, ctx)
+        signum = agreed_signal(stop, device, ctx)
         if signum is not None:
             bar.close()
             save_last()
@@ -433,7 +328,7 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
             loop.history.append([str(loop.epoch)] + [f"{means[k]:.6g}" for k in HISTORY_COLUMNS[1:6]]
                                 + [f"{val_auc:.6g}", f"{seconds:.2f}"])
             if ctx.is_main:
-                _write_history(paths["history"], loop.history)
+                write_history(paths["history"], loop.history)
             logger.epoch(loop.epoch, {**means, "val_macro_auc": val_auc, "seconds": seconds})
             mark = ""
             if val_auc > loop.best_auc or loop.best_epoch == 0:
@@ -470,28 +365,6 @@ def _fit(config: Config, out_dir: Path, progress: Optional[bool], resume: bool,
     return result
 
 
-RANK_SEED_STRIDE = 7919  # seeds of the processes > 0: seed + stride * rank
-
-
-def _locate(global_step: int, loop: LoopState, T: int) -> tuple[int, int]:
-    """(epoch, step in epoch) of a global step at or before the loop's current position."""
-    back = loop.global_step - global_step
-    epoch, in_epoch = loop.epoch, loop.step_in_epoch - back
-    while in_epoch < 1:
-        epoch, in_epoch = epoch - 1, in_epoch + T
-    return epoch, in_epoch
-
-
-def _agreed_signal(stop: SignalFlag, device: torch.device, ctx: distributed.DistContext) -> Optional[int]:
-    """The signal that stops the run: this process's, or with several processes the largest any
-    received (all stop at the same step)."""
-    if not ctx.enabled:
-        return stop.signum
-    flag = torch.tensor([stop.signum or 0], device=device)
-    value = int(distributed.all_reduce_(flag, "max").item())
-    return value or None
-
-
 def _predictions(module: VKDModule, split, samples: int, config: Config, device) -> tuple[np.ndarray, np.ndarray]:
     """(mean probabilities, labels) of a whole split from images alone; with several processes,
     each predicts a shard (with rank 0's batch-norm statistics) and all receive the whole."""
@@ -509,79 +382,6 @@ def _macro_auc(probs: np.ndarray, labels: np.ndarray, split, config: Config) -> 
     """The macro AUC over the classes the split's labels define (nan when none)."""
     value = auc_metrics(labels, probs, CLASSES, split_label_mask(split), config.data.eval_classes)["macro_auc"]
     return float("nan") if value is None else value
-
-
-def _write_history(path: Path, rows: list) -> None:
-    """history.csv from its rows, written atomically (a resumed run rewrites it from last.pt)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HISTORY_COLUMNS)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _save_resume(path: Path, module: VKDModule, optimizer, loop: LoopState, epoch_sums: torch.Tensor, T: int,
-                 config: Config, data: PreparedData, ctx: distributed.DistContext) -> None:
-    """last.pt: everything `train --resume` needs (see vkd_pyro.checkpoint); rank 0 writes it
-    with the RNG states of all processes."""
-    rng = distributed.all_gather_objects(capture_rng_state())
-    where = (f"epoch {loop.epoch}, step {loop.step_in_epoch}" if loop.step_in_epoch
-             else f"end of epoch {loop.epoch - 1}")
-    loop.saved = where
-    if not ctx.is_main:
-        return
-    save_atomic({
-        "format": RESUME_FORMAT, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": None, "rng": rng, "epoch": loop.epoch, "step_in_epoch": loop.step_in_epoch,
-        "global_step": loop.global_step,
-        "annealing": {"t": loop.step_in_epoch, "T": T, "beta_sum": loop.beta_sum},
-        "epoch_sums": epoch_sums.detach().cpu(),
-        "early_stopping": {"best_auc": loop.best_auc, "reference_auc": loop.reference_auc, "wait": loop.wait,
-                           "best_epoch": loop.best_epoch},
-        "history": loop.history, "seconds": loop.seconds, "finished": loop.finished,
-        "stopped_early": loop.stopped_early, "saved": where, "text_dims": data.dims, "config": config.to_dict(),
-        "world_size": ctx.world_size,
-    }, path)
-
-
-def _restore(state: dict, module: VKDModule, optimizer, config: Config, out_dir: Path,
-             device: torch.device) -> tuple[LoopState, torch.Tensor]:
-    """Weights, optimizer and loop position from a resume state (the RNG comes last: _restore_rng)."""
-    try:
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise UserError(f"{out_dir / 'last.pt'}: does not match {out_dir / 'config.yaml'} "
-                        f"({str(exc).splitlines()[0]})") from None
-    for group in optimizer.param_groups:  # train.lr may be changed on resume
-        group["lr"] = config.train.lr
-    early = state["early_stopping"]
-    loop = LoopState(epoch=int(state["epoch"]), step_in_epoch=int(state["step_in_epoch"]),
-                     global_step=int(state["global_step"]), beta_sum=float(state["annealing"]["beta_sum"]),
-                     best_auc=float(early["best_auc"]), reference_auc=float(early["reference_auc"]),
-                     wait=int(early["wait"]), best_epoch=int(early["best_epoch"]), history=list(state["history"]),
-                     seconds=float(state.get("seconds", 0.0)), finished=bool(state.get("finished")),
-                     stopped_early=bool(state.get("stopped_early")), saved=state.get("saved"))
-    if loop.finished and not loop.stopped_early and loop.epoch <= config.train.max_epochs:
-        loop.finished = False  # train.max_epochs was raised: train on
-    if loop.finished:
-        say(f"training had finished (best epoch {loop.best_epoch}); evaluating its best checkpoint again")
-    say(f"resuming from {out_dir / 'last.pt'}: epoch {loop.epoch}, step {loop.step_in_epoch} "
-        f"({loop.global_step} steps done)")
-    return loop, state["epoch_sums"].to(device=device, dtype=torch.float32)
-
-
-def _restore_rng(state: dict, config: Config, ctx: distributed.DistContext, loop: LoopState) -> None:
-    """This process's generators as they were when last.pt was written (by the same number of
-    processes); otherwise fresh seeds that depend on the step (the batch order is kept either way)."""
-    states = state["rng"]
-    if len(states) == ctx.world_size:
-        restore_rng_state(states[ctx.rank])
-    else:
-        say(f"note: the run had {len(states)} processes and now has {ctx.world_size}: the batch order is "
-            "kept, the random draws differ from an uninterrupted run")
-        pyro.set_rng_seed(config.seed + RANK_SEED_STRIDE * ctx.rank + loop.global_step)
 
 
 def report(module: VKDModule, data: PreparedData, config: Config, out_dir: Path, split: str, samples: int,

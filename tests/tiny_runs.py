@@ -1,0 +1,28 @@
+"""The smallest demo configuration that still trains: the overrides the tests that run `train` share.
+
+Sixty reports rendered at 32 px, a 16-d latent, one hidden layer of 16, narrow encoders, one epoch,
+batches of 16, two test samples, no progress bar. A test file changes what it needs:
+`tiny_overrides({"train.max_epochs": 2})`.
+"""
+
+TINY_RUN = {
+    "data.max_reports": 60,
+    "data.image_size": 32,
+    "model.z_dim": 16,
+    "model.hidden": "[16]",
+    "image_encoder.width": 8,
+    "image_encoder.out_features": 32,
+    "text_encoder.block_width": 32,
+    "text_encoder.block_heads": 2,
+    "text_encoder.block_ffn": 64,
+    "train.max_epochs": 1,
+    "train.batch_size": 16,
+    "inference.test_samples": 2,
+    "train.progress": "false",
+}
+
+
+def tiny_overrides(changes: dict | None = None) -> list[str]:
+    """`key=value` overrides of TINY_RUN with `changes` applied (a value None drops the key)."""
+    values = {**TINY_RUN, **(changes or {})}
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
