@@ -17,7 +17,8 @@ Prints ms per step (median of timed rounds, the sides taking turns) and the rati
 Normal instead of the families' `vkd_pyro.broadcast.BroadcastNormal` (identical values; the eager
 one computes its log densities on the L-fold expanded parameters). `--validation` also times Pyro with its
 argument checks on (Pyro's default; vkd_pyro.train turns them off); `--jit` the compiled ELBO
-(`inference.elbo: jit_trace`, vkd_pyro.compiled).
+(`inference.elbo: jit_trace`, vkd_pyro.compiled); `--unfused` both sides with torch's default Adam
+(one parameter at a time on the CPU) instead of the fused Adam of `vkd_pyro.train.adam`.
 
     .venv/bin/python benchmarks/bench_svi.py [--rounds 15] [--per-round 10] [--threads 2]
 """
@@ -70,6 +71,7 @@ def main() -> None:
     parser = timing_parser(__doc__.split("\n\n")[0], particles_help="L = M values")
     parser.add_argument("--validation", action="store_true", help="also time Pyro with validation on")
     parser.add_argument("--jit", action="store_true", help="also time the jit_trace ELBO")
+    parser.add_argument("--unfused", action="store_true", help="also time both sides with the unfused Adam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
@@ -80,6 +82,8 @@ def main() -> None:
         header += f" {'Pyro+validation ms':>19}"
     if args.jit:
         header += f" {'Pyro jit ms':>12} {'ratio jit':>10}"
+    if args.unfused:
+        header += f" {'Pyro unfused ms':>16} {'PyTorch unfused ms':>19} {'ratio unfused':>14}"
     print(header)
     batch = cached_batch()
     beta = 0.5
@@ -124,6 +128,22 @@ def main() -> None:
                 with pyro.validation_enabled(False):
                     jit_step(batch, beta, batch.size)
             steps["jit"] = pyro_jit_step
+        if args.unfused:
+            loop_module, loop_hand = copy.deepcopy(module), copy.deepcopy(hand)
+            loop_step = TrainStep(loop_module, loop_module, torch.optim.Adam(loop_module.parameters(), lr=1e-4))
+            loop_optimizer = torch.optim.Adam(loop_hand.parameters(), lr=1e-4)
+
+            def pyro_unfused_step():
+                with pyro.validation_enabled(False):
+                    loop_step(batch, beta, batch.size)
+
+            def torch_unfused_step():
+                loss = hand_loss(loop_hand, batch, beta, particles, particles)
+                loop_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.get_total_norm([p.grad for p in loop_hand.parameters()])
+                loop_optimizer.step()
+            steps["pyro unfused"], steps["torch unfused"] = pyro_unfused_step, torch_unfused_step
         ms = median_step_ms(steps, args.warmup, args.rounds, args.per_round)
         line = (f"{particles:>6} {ms['pyro']:>9.2f} {ms['eager']:>14.2f} {ms['torch']:>11.2f} "
                 f"{ms['pyro'] / ms['torch']:>7.3f} {ms['eager'] / ms['torch']:>12.3f}")
@@ -131,6 +151,9 @@ def main() -> None:
             line += f" {ms['validated']:>19.2f}"
         if args.jit:
             line += f" {ms['jit']:>12.2f} {ms['jit'] / ms['torch']:>10.3f}"
+        if args.unfused:
+            line += (f" {ms['pyro unfused']:>16.2f} {ms['torch unfused']:>19.2f} "
+                     f"{ms['pyro unfused'] / ms['torch unfused']:>14.3f}")
         print(line, flush=True)
 
 
