@@ -67,6 +67,26 @@ def hand_loss(module, batch, beta: float, L: int, M: int) -> torch.Tensor:
     return -(image_ll + text_ll - beta * kl).mean()
 
 
+def pyro_stepper(step: TrainStep, batch, beta: float, validation: bool = False):
+    """One training step of a Pyro module (TrainStep), with Pyro's validation on or off."""
+    def run():
+        with pyro.validation_enabled(validation):
+            step(batch, beta, batch.size)
+    return run
+
+
+def hand_stepper(module, optimizer, batch, beta: float, particles: int):
+    """One step of the hand-written loss: forward, backward, the gradient norm (TrainStep's NaN watch
+    reads it), the optimizer."""
+    def run():
+        loss = hand_loss(module, batch, beta, particles, particles)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.get_total_norm([p.grad for p in module.parameters()])
+        optimizer.step()
+    return run
+
+
 def main() -> None:
     parser = timing_parser(__doc__.split("\n\n")[0], particles_help="L = M values")
     parser.add_argument("--validation", action="store_true", help="also time Pyro with validation on")
@@ -97,53 +117,20 @@ def main() -> None:
         eager_step = TrainStep(eager, eager, adam(eager, lr=1e-4))
         hand_optimizer = adam(hand, lr=1e-4)
 
-        def pyro_step():
-            with pyro.validation_enabled(False):
-                step(batch, beta, batch.size)
-
-        def pyro_eager_step():
-            with pyro.validation_enabled(False):
-                eager_step(batch, beta, batch.size)
-
-        def pyro_validated_step():
-            with pyro.validation_enabled(True):
-                step(batch, beta, batch.size)
-
-        def torch_step():
-            loss = hand_loss(hand, batch, beta, particles, particles)
-            hand_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.get_total_norm([p.grad for p in hand.parameters()])  # TrainStep's NaN watch reads it
-            hand_optimizer.step()
-
-        steps = {"pyro": pyro_step, "eager": pyro_eager_step, "torch": torch_step}
+        steps = {"pyro": pyro_stepper(step, batch, beta), "eager": pyro_stepper(eager_step, batch, beta),
+                 "torch": hand_stepper(hand, hand_optimizer, batch, beta, particles)}
         if args.validation:
-            steps["validated"] = pyro_validated_step
+            steps["validated"] = pyro_stepper(step, batch, beta, validation=True)
         if args.jit:
             compiled = copy.deepcopy(module)
             compiled.elbo = make_elbo("jit_trace", particles)
-            jit_step = TrainStep(compiled, compiled, adam(compiled, lr=1e-4))
-
-            def pyro_jit_step():
-                with pyro.validation_enabled(False):
-                    jit_step(batch, beta, batch.size)
-            steps["jit"] = pyro_jit_step
+            steps["jit"] = pyro_stepper(TrainStep(compiled, compiled, adam(compiled, lr=1e-4)), batch, beta)
         if args.unfused:
             loop_module, loop_hand = copy.deepcopy(module), copy.deepcopy(hand)
             loop_step = TrainStep(loop_module, loop_module, torch.optim.Adam(loop_module.parameters(), lr=1e-4))
-            loop_optimizer = torch.optim.Adam(loop_hand.parameters(), lr=1e-4)
-
-            def pyro_unfused_step():
-                with pyro.validation_enabled(False):
-                    loop_step(batch, beta, batch.size)
-
-            def torch_unfused_step():
-                loss = hand_loss(loop_hand, batch, beta, particles, particles)
-                loop_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.get_total_norm([p.grad for p in loop_hand.parameters()])
-                loop_optimizer.step()
-            steps["pyro unfused"], steps["torch unfused"] = pyro_unfused_step, torch_unfused_step
+            steps["pyro unfused"] = pyro_stepper(loop_step, batch, beta)
+            steps["torch unfused"] = hand_stepper(loop_hand, torch.optim.Adam(loop_hand.parameters(), lr=1e-4),
+                                                  batch, beta, particles)
         ms = median_step_ms(steps, args.warmup, args.rounds, args.per_round)
         line = (f"{particles:>6} {ms['pyro']:>9.2f} {ms['eager']:>14.2f} {ms['torch']:>11.2f} "
                 f"{ms['pyro'] / ms['torch']:>7.3f} {ms['eager'] / ms['torch']:>12.3f}")
