@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from vkd_pyro.batching import Batch
+
 
 class FeaturesAsImages(nn.Module):
     """An 'image encoder' whose input already is the feature vector x_I (B, F)."""
@@ -28,6 +30,15 @@ class MaskedMeanHead(nn.Module):
     def forward(self, states, mask):
         weights = mask.float().unsqueeze(-1)
         return self.linear((states * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+
+def tiny_batch() -> Batch:
+    """Eight records: 5-d image features, 14 labels, 4 report tokens of width 6 (FeaturesAsImages(5),
+    MaskedMeanHead(6))."""
+    g = torch.Generator().manual_seed(0)
+    return Batch(images=torch.randn(8, 5, generator=g), labels=(torch.rand(8, 14, generator=g) < 0.3).float(),
+                 index=torch.arange(8), token_states=torch.randn(8, 4, 6, generator=g),
+                 token_mask=torch.ones(8, 4, dtype=torch.bool))
 
 
 @pytest.fixture(autouse=True)

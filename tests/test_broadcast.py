@@ -9,18 +9,10 @@ from torch.distributions import kl_divergence
 
 from guides import EHRPosterior
 from models import VKDModel
-from tests.conftest import FeaturesAsImages, MaskedMeanHead
-from vkd_pyro.batching import Batch
+from tests.conftest import FeaturesAsImages, MaskedMeanHead, tiny_batch
 from vkd_pyro.broadcast import BroadcastNormal
 from vkd_pyro.module import VKDModule
 from vkd_pyro.networks import GaussianMLP
-
-
-def tiny_batch():
-    g = torch.Generator().manual_seed(0)
-    return Batch(images=torch.randn(8, 5, generator=g), labels=(torch.rand(8, 14, generator=g) < 0.3).float(),
-                 index=torch.arange(8), token_states=torch.randn(8, 4, 6, generator=g),
-                 token_mask=torch.ones(8, 4, dtype=torch.bool))
 
 
 class Eager(GaussianMLP):

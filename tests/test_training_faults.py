@@ -22,8 +22,7 @@ import yaml
 import vkd_pyro.train as train_module
 from guides import EHRPosterior
 from models import VKDModel
-from tests.conftest import FeaturesAsImages, MaskedMeanHead
-from vkd_pyro.batching import Batch
+from tests.conftest import FeaturesAsImages, MaskedMeanHead, tiny_batch
 from vkd_pyro.checkpoint import load_resume_state
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
@@ -226,13 +225,6 @@ def tiny_module():
     model = VKDModel(FeaturesAsImages(5), 14, z_dim=3, hidden=[8], dropout=0.0)
     guide = EHRPosterior(MaskedMeanHead(6), 3, [8], 0.0)
     return VKDModule(model, guide)
-
-
-def tiny_batch():
-    g = torch.Generator().manual_seed(0)
-    return Batch(images=torch.randn(8, 5, generator=g), labels=(torch.rand(8, 14, generator=g) < 0.3).float(),
-                 index=torch.arange(8), token_states=torch.randn(8, 4, 6, generator=g),
-                 token_mask=torch.ones(8, 4, dtype=torch.bool))
 
 
 def grad_norm(module):

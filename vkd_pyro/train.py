@@ -42,9 +42,9 @@ from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
 from vkd_pyro.evaluate import auc_metrics, format_auc_table, plot_roc, predict_split
 from vkd_pyro.module import VKDModule
 from vkd_pyro.objective import TERM_NAMES
-from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
 from vkd_pyro.resume import (HISTORY_COLUMNS, RANK_SEED_STRIDE, LoopState, locate, restore, restore_rng,
                              save_resume, write_history)
+from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
 from vkd_pyro.schedules import KLSchedule
 from vkd_pyro.stops import FiniteWatch, SignalFlag, agreed_signal
 
