@@ -54,6 +54,14 @@ def test_grid_parsing():
     assert main(["sweep", "--config", "configs/demo.yaml", "--grid", "model.no_such_key=1,2", "--out", "unused"]) == 2
 
 
+@pytest.mark.parametrize("command", [["sweep", "--grid", "inference.num_particles=1"], ["ablate", "--table", "2"]])
+def test_zero_seeds_is_a_one_line_error_before_any_run(command, tmp_path, count_fits, capsys):
+    code = main([*command, "--config", "configs/demo.yaml", "--seeds", "0", "--out", str(tmp_path / "out"), *TINY])
+    assert code == 2 and count_fits == []
+    assert "--seeds: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_sweep_writes_tables_and_skips_finished_runs(tmp_path, cache, count_fits, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--config", "configs/demo.yaml", "--grid", "inference.prior_samples=1,2",

@@ -88,11 +88,12 @@ def ablate(config_path: str, table: int, seeds: int, out_dir, overrides: Sequenc
            values: Optional[Sequence[str]] = None, progress: Optional[bool] = False,
            fit: Optional[Callable] = None, say: Callable[[str], None] = print) -> str:
     """Run (or resume) the ablation of Table `table`, write DIR/table<table>.md and return its text."""
-    from vkd_pyro.config import load_config
+    from vkd_pyro.config import load_config, split_assignment
 
     axis = table_axis(table, values)
     for override in overrides:
-        if override.split("=", 1)[0].strip() == axis.key:
+        assignment = split_assignment(override)
+        if assignment and assignment[0] == axis.key:
             raise UserError(f"{override}: Table {table} varies {axis.key} itself")
     dataset = load_config(config_path, overrides).data.name
     out_dir = Path(out_dir)

@@ -11,6 +11,15 @@ from pathlib import Path
 from vkd_pyro.errors import UserError
 
 
+def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
+    """The options of the commands that train runs as a sweep (sweep, ablate)."""
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--seeds", type=int, default=1, help=seeds_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def add_analysis_commands(commands) -> None:
     """Add the sweep, ablate, diagnose and figures sub-parsers to `commands` (add_subparsers)."""
     sweep = commands.add_parser(
@@ -18,27 +27,19 @@ def add_analysis_commands(commands) -> None:
         description="Train every combination of the --grid values for each seed into DIR/runs/<key=value,...>-seed<k>/ "
         "(skipping runs that finished before: those with metrics.json), then write DIR/sweep.csv, "
         "DIR/sweep.md (mean ± std over seeds) and DIR/sweep.png.")
-    sweep.add_argument("--config", required=True, help="YAML config file")
+    _add_run_options(sweep, "seeds per grid point: seed, seed+1, ... (default 1)", "sweep folder")
     sweep.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                        help="a config key and its values (repeat for more keys), e.g. inference.num_particles=1,4,16")
-    sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point: seed, seed+1, ... (default 1)")
-    sweep.add_argument("--out", required=True, help="sweep folder")
-    sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ablate = commands.add_parser(
         "ablate", help="the paper's ablations (Table 2 or 3) as a sweep, in the paper's layout",
         description="Table 2: inference.objective = vkd, no_mi, image_only; Table 3: model.z_dim = 64, 128, "
         "512, 1024. Runs them as a sweep (resumable) and writes DIR/table2.md or DIR/table3.md with the paper's "
         "figures beside ours.")
-    ablate.add_argument("--config", required=True, help="YAML config file")
+    _add_run_options(ablate, "seeds per configuration (default 1)", "ablation folder")
     ablate.add_argument("--table", type=int, required=True, choices=[2, 3], help="2 (architecture) or 3 (size of z)")
-    ablate.add_argument("--seeds", type=int, default=1, help="seeds per configuration (default 1)")
-    ablate.add_argument("--out", required=True, help="ablation folder")
     ablate.add_argument("--values", default=None, metavar="V1,V2,...",
                         help="Table 3 only: sizes of z instead of the paper's 64,128,512,1024")
-    ablate.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
-    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     diagnose = commands.add_parser(
         "diagnose", help="ELBO terms, posterior collapse, log p(y|x) and calibration of a run",
@@ -61,15 +62,9 @@ def add_analysis_commands(commands) -> None:
     figures.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
 
 
-def _seeds(value: int) -> None:
-    if value < 1:
-        raise UserError(f"--seeds: must be >= 1, got {value}")
-
-
 def _cmd_sweep(args) -> None:
     from vkd_pyro.sweep import parse_grid, run_sweep
 
-    _seeds(args.seeds)
     if not args.grid:
         raise UserError("sweep: give at least one --grid key=v1,v2,...")
     result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
@@ -84,7 +79,6 @@ def _cmd_sweep(args) -> None:
 def _cmd_ablate(args) -> None:
     from vkd_pyro.ablate import ablate
 
-    _seeds(args.seeds)
     values = [v for v in args.values.split(",") if v.strip()] if args.values else None
     text = ablate(args.config, args.table, args.seeds, Path(args.out), args.overrides, values,
                   progress=False if args.no_progress else None)

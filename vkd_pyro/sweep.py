@@ -387,7 +387,6 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
     started again tries it again.
     """
-
     if fit is None:
         from vkd_pyro.train import fit
     out_dir = Path(out_dir)
