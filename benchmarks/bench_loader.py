@@ -7,7 +7,7 @@ Writes `--images` synthetic radiographs at the real releases' sizes (MIMIC-CXR-J
 - cold decode: `vkd_pyro.data.image_cache.load_or_decode` decoding and resizing the files to
   `--size` (what the first build of a dataset does once), in 1 process and in `--workers`;
 - cached loader: a `vkd_pyro.data.records.XRayDataset` over the cache (a memmap) through a
-  `DataLoader` with `vkd_pyro.batching.collate`, batches of `--batch`, with 0 and `--workers` workers
+  `DataLoader` with `vkd_pyro.data.batching.collate`, batches of `--batch`, with 0 and `--workers` workers
   (what every epoch does);
 - the training step: DenseNet-121 (vkd_pyro.encoders.image, 1 grey channel) plus a linear head,
   forward + backward + Adam step on a batch of `--batch` at `--size` px (the paper's backbone).
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vkd_pyro.batching import collate
+from vkd_pyro.data.batching import collate
 from vkd_pyro.data.image_cache import load_or_decode
 from vkd_pyro.data.phantom import render_phantom
 from vkd_pyro.data.records import BadRecords, XRayDataset

@@ -1,11 +1,11 @@
 """Vectorised against sequential guide particles: Trace_ELBO(vectorize_particles=True vs False).
 
-The SVI step (forward + backward + Adam, as `vkd_pyro.train.TrainStep` runs it, Pyro's validation
+The SVI step (forward + backward + Adam, as `vkd_pyro.training.loop.TrainStep` runs it, Pyro's validation
 off) of the paper-sized VKD module on cached features (benchmarks/common.py: batch 64, 1024-d image
 and 384-d text features, z of 512, MLPs {512, 512}), M = 1 prior sample, L guide particles.
 Vectorised, the L particles are one trace with a particle dimension; sequential, L traces one
 after the other. "eager" is the vectorised step with pyro's own Normal in place of the families'
-BroadcastNormal (vkd_pyro.broadcast: log densities on the unexpanded parameters).
+BroadcastNormal (vkd_pyro.models.distributions: log densities on the unexpanded parameters).
 
 Target: 16 vectorised particles cost at most 2x one particle.
 
@@ -23,7 +23,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
-from vkd_pyro.train import TrainStep, adam  # noqa: E402
+from vkd_pyro.training.loop import TrainStep, adam  # noqa: E402
 
 
 def stepper(module, batch):

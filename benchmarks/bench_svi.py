@@ -6,7 +6,7 @@ forward + backward + Adam. The networks are identical (the hand side is a copy o
 weights).
 
 - Pyro: `VKDModule.forward` (Trace_ELBO, L vectorised particles, the term recorder), as
-  `vkd_pyro.train` runs it: through `TrainStep` with Pyro's validation off.
+  `vkd_pyro.training.loop` runs it: through `TrainStep` with Pyro's validation off.
 - PyTorch: the same Monte Carlo estimator of minus Eq. 8 written out: z_T = mu_q + sigma_q eps
   (L draws), z_I = mu_p + sigma_p eps (M draws), Bernoulli log-likelihoods with
   binary_cross_entropy_with_logits, KL by its Monte Carlo estimate log q(z_T) - log p(z_T) from
@@ -14,11 +14,11 @@ weights).
 
 Prints ms per step (median of timed rounds, the sides taking turns) and the ratio Pyro/PyTorch
 (target: at most 1.05). "Pyro eager" is the same module with the diagonal Gaussians as pyro's own
-Normal instead of the families' `vkd_pyro.broadcast.BroadcastNormal` (identical values; the eager
+Normal instead of the families' `vkd_pyro.models.distributions.BroadcastNormal` (identical values; the eager
 one computes its log densities on the L-fold expanded parameters). `--validation` also times Pyro with its
-argument checks on (Pyro's default; vkd_pyro.train turns them off); `--jit` the compiled ELBO
+argument checks on (Pyro's default; vkd_pyro.training.loop turns them off); `--jit` the compiled ELBO
 (`inference.elbo: jit_trace`, vkd_pyro.compiled); `--unfused` both sides with torch's default Adam
-(one parameter at a time on the CPU) instead of the fused Adam of `vkd_pyro.train.adam`.
+(one parameter at a time on the CPU) instead of the fused Adam of `vkd_pyro.training.loop.adam`.
 
     .venv/bin/python benchmarks/bench_svi.py [--rounds 15] [--per-round 10] [--threads 2]
 """
@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
-from vkd_pyro.objective import make_elbo  # noqa: E402
-from vkd_pyro.train import TrainStep, adam  # noqa: E402
+from vkd_pyro.inference.elbo import make_elbo  # noqa: E402
+from vkd_pyro.training.loop import TrainStep, adam  # noqa: E402
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -17,12 +17,12 @@ import torch
 from pyro.distributions import Normal
 from torch import nn
 
-from guides import EHRPosterior
-from models import VKDModel
-from vkd_pyro.batching import Batch
 from vkd_pyro.classes import NUM_CLASSES
-from vkd_pyro.module import VKDModule
-from vkd_pyro.networks import GaussianMLP
+from vkd_pyro.data.batching import Batch
+from vkd_pyro.guides import EHRPosterior
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.models import VKDModel
+from vkd_pyro.models.families import DiagonalNormal
 
 BATCH, IMAGE_FEATURES, TEXT_FEATURES, Z, HIDDEN = 64, 1024, 384, 512, [512, 512]
 
@@ -45,7 +45,7 @@ class PooledText(nn.Module):
         return states[:, 0]
 
 
-class EagerDiagonal(GaussianMLP):
+class EagerDiagonal(DiagonalNormal):
     """The paper's diagonal Gaussian family (prior or posterior MLP) with pyro's own Normal, whose
     log density works on the L-fold expanded parameters (the families' BroadcastNormal does not)."""
 
@@ -58,8 +58,8 @@ def vkd_module(L: int = 1, M: int = 1, vectorize: bool = True, dropout: float = 
                eager: bool = False) -> VKDModule:
     """The VKD module (Trace_ELBO, L guide particles, M prior samples) on cached features.
     eager: the diagonal Gaussians are pyro's Normal instead of the families' BroadcastNormal."""
-    prior_net = EagerDiagonal(IMAGE_FEATURES, HIDDEN, Z, dropout) if eager else None
-    posterior_net = EagerDiagonal(TEXT_FEATURES, HIDDEN, Z, dropout) if eager else None
+    prior_net = EagerDiagonal(IMAGE_FEATURES, Z, HIDDEN, dropout) if eager else None
+    posterior_net = EagerDiagonal(TEXT_FEATURES, Z, HIDDEN, dropout) if eager else None
     model = VKDModel(CachedImageFeatures(), NUM_CLASSES, z_dim=Z, hidden=HIDDEN, dropout=dropout, prior_samples=M,
                      prior_net=prior_net)
     guide = EHRPosterior(PooledText(), z_dim=Z, hidden=HIDDEN, dropout=dropout, posterior_net=posterior_net)

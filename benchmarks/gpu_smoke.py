@@ -3,7 +3,7 @@
 Builds the paper's module with vkd_pyro's own builder (DenseNet-121 on 224 x 224 grey images,
 z of 512, prior and posterior MLPs {512, 512} with dropout 0.5, the trainable Transformer block at
 the text encoder's full width: 384 (all-MiniLM-L6-v2, the packaged stand-in) or 768
-(ClinicalBERT)) and trains it with the training loop's own step (`vkd_pyro.train.TrainStep`,
+(ClinicalBERT)) and trains it with the training loop's own step (`vkd_pyro.training.loop.TrainStep`,
 Trace_ELBO, Adam) on random tensors already on the device: images, frozen-encoder token states of
 `--tokens` tokens (a random number of them real), labels. Nothing is downloaded or read from disk.
 
@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
-from vkd_pyro.batching import Batch  # noqa: E402
-from vkd_pyro.build import build_module  # noqa: E402
 from vkd_pyro.classes import NUM_CLASSES  # noqa: E402
 from vkd_pyro.config import load_config  # noqa: E402
-from vkd_pyro.train import TrainStep, adam  # noqa: E402
+from vkd_pyro.data.batching import Batch  # noqa: E402
+from vkd_pyro.training.build import build_module  # noqa: E402
+from vkd_pyro.training.loop import TrainStep, adam  # noqa: E402
 
 TEXT_BLOCKS = {384: {"hidden_size": 384, "num_heads": 12, "intermediate_size": 1536},   # all-MiniLM-L6-v2
                768: {"hidden_size": 768, "num_heads": 12, "intermediate_size": 3072}}   # ClinicalBERT

@@ -2,7 +2,7 @@
 
 It reads the report only: the frozen encoder's token states go through the one trainable
 Transformer block and pooling (`text_head`), then the posterior network (`posterior_net`, a family
-of `guides.posteriors`; the paper's diagonal Gaussian by default) gives q(z_T | x_T). Site "z" is
+of `vkd_pyro.models.families`; the paper's diagonal Gaussian by default) gives q(z_T | x_T). Site "z" is
 scaled by the KL weight beta exactly as in the model, so that the ELBO's z term is
 beta * (log p - log q).
 """
@@ -16,14 +16,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from guides.posteriors import DiagonalNormalPosterior
-from vkd_pyro.schedules import kl_weighted
+from vkd_pyro.models.families import DiagonalNormal
+from vkd_pyro.models.vkd import kl_weighted
 
 
 class EHRPosterior(nn.Module):
     """q(z_T | x_T) = posterior_net(text_head(x_T)).
 
-    posterior_net: maps the pooled report features (B, H) to q(z_T | x_T) (`vkd_pyro.families`);
+    posterior_net: maps the pooled report features (B, H) to q(z_T | x_T) (`vkd_pyro.models.families`);
     None: the paper's N(loc(x_T), diag scale(x_T)^2) from an MLP with `hidden` sizes and `dropout`.
     """
 
@@ -31,7 +31,7 @@ class EHRPosterior(nn.Module):
                  dropout: float = 0.5, posterior_net: Optional[nn.Module] = None):
         super().__init__()
         self.text_head = text_head
-        self.posterior_net = (DiagonalNormalPosterior(text_head.out_features, z_dim, hidden, dropout)
+        self.posterior_net = (DiagonalNormal(text_head.out_features, z_dim, hidden, dropout)
                               if posterior_net is None else posterior_net)
 
     def posterior(self, token_states: torch.Tensor, token_mask: torch.Tensor) -> dist.Distribution:

@@ -1,14 +1,14 @@
 """The VKD model: conditional prior p(z_I|x_I), classifier p(y|x_I, z_I) and the MI head q(y|z_T).
 
 Read together with `guides/ehr_posterior.py`. Under `Trace_ELBO` the pair gives minus Eq. 8 of the
-paper (summed over the batch instead of averaged; :class:`vkd_pyro.module.VKDModule` divides by it):
+paper (summed over the batch instead of averaged; :class:`vkd_pyro.inference.module.VKDModule` divides by it):
 
     loss = - sum_n [ 1/M sum_m log p(y_n | x_I, z_I^(m))          site "image_log_lik"
                      + 1/L sum_l log q(y_n | z_T^(l))              site "text_labels"   (L_MI)
                      - beta * KL(q(z_T|x_T^n) || p(z_I|x_I^n)) ]   site "z", scaled by beta
 
 with z_I^(m) ~ p(z_I|x_I) drawn here (hidden from the trace: it is not a latent site of the model),
-by reparameterisation where the prior has it (`vkd_pyro.prior_draws` otherwise), and
+by reparameterisation where the prior has it (`vkd_pyro.models.prior_draws` otherwise), and
 z_T^(l) ~ q(z_T|x_T) drawn by the guide and replayed at site "z".
 At test time (`labels=None`) site "z" is sampled from the prior and "probs" records p(y=1|x_I, z_I):
 Algorithm 2, images alone.
@@ -22,11 +22,23 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from torch import nn
 
-from models.priors import DiagonalNormalPrior
-from vkd_pyro.prior_draws import draw, monte_carlo_mean
-from vkd_pyro.schedules import kl_weighted
+from vkd_pyro.models.families import DiagonalNormal
+from vkd_pyro.models.prior_draws import draw, monte_carlo_mean
+
+
+def kl_weighted(beta: float):
+    """The handler that weights site "z" by beta in model and guide: beta * (log p - log q).
+
+    `poutine.scale` for beta > 0; at beta = 0 (the start of each cycle of Eq. 9), where Pyro's
+    scale refuses 0, `poutine.mask(mask=False)`: the site still draws z (and the MI term still sees
+    it) but contributes nothing to the ELBO, which is exactly the weight 0.
+    """
+    if beta < 0:
+        raise ValueError(f"the KL weight must be >= 0, got {beta}")
+    return poutine.scale(scale=beta) if beta > 0 else poutine.mask(mask=False)
 
 
 class VKDModel(nn.Module):
@@ -37,7 +49,7 @@ class VKDModel(nn.Module):
         so that the loss is the classification term alone (no log p(z) without a guide).
     mutual_information: add the observed site q(y|z_T) (objective `vkd`; off for `no_mi`).
     prior_net: the conditional prior, a module that maps image features (B, F) to p(z_I|x_I) (a family
-        of `models.priors` or any module with that interface, `vkd_pyro.families`); None: the paper's
+        of `vkd_pyro.models.families` or any module with that interface); None: the paper's
         diagonal Normal from an MLP with `hidden` sizes and `dropout`.
     """
 
@@ -58,7 +70,7 @@ class VKDModel(nn.Module):
             raise ValueError("the MI term scores the guide's z: it needs latent_from_guide")
         self.image_encoder = image_encoder
         features = image_encoder.out_features
-        self.prior_net = DiagonalNormalPrior(features, z_dim, hidden, dropout) if prior_net is None else prior_net
+        self.prior_net = DiagonalNormal(features, z_dim, hidden, dropout) if prior_net is None else prior_net
         self.classifier = nn.Linear(z_dim + features, num_classes)  # p(y | x_I, z_I)
         self.text_classifier = nn.Linear(z_dim, num_classes) if mutual_information else None  # q(y | z_T)
         self.prior_samples = prior_samples

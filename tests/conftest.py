@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from vkd_pyro.batching import Batch
+from vkd_pyro.data.batching import Batch
 
 
 class FeaturesAsImages(nn.Module):

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from vkd_pyro.networks import GaussianMLP
+from vkd_pyro.models.families import DiagonalNormal
 
 
 class TemperedNormalPosterior(nn.Module):
@@ -15,7 +15,7 @@ class TemperedNormalPosterior(nn.Module):
 
     def __init__(self, in_features, z_dim, hidden, dropout, log_temperature: float = 0.0):
         super().__init__()
-        self.net = GaussianMLP(in_features, hidden, z_dim, dropout)
+        self.net = DiagonalNormal(in_features, z_dim, hidden, dropout)
         self.log_temperature = nn.Parameter(torch.tensor(float(log_temperature)))
 
     def forward(self, features):
@@ -28,7 +28,7 @@ class StudentTPrior(nn.Module):
 
     def __init__(self, in_features, z_dim, hidden, dropout, df: float = 4.0):
         super().__init__()
-        self.net = GaussianMLP(in_features, hidden, z_dim, dropout)
+        self.net = DiagonalNormal(in_features, z_dim, hidden, dropout)
         self.df = float(df)
 
     def forward(self, features):

@@ -9,9 +9,17 @@ import os
 
 import numpy as np
 import pytest
+from data_fixtures import (
+    build_chestxray14,
+    build_mimic_cxr,
+    build_openi,
+    corrupt,
+    real_openi_xml,
+    rewrite_gz_csv,
+    truncate,
+    write_tgz,
+)
 
-from data_fixtures import (build_chestxray14, build_mimic_cxr, build_openi, corrupt, real_openi_xml, rewrite_gz_csv,
-                           truncate, write_tgz)
 from vkd_pyro.cli import main
 from vkd_pyro.data import image_cache
 from vkd_pyro.data.chestxray14 import ChestXray14Dataset

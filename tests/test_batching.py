@@ -2,7 +2,7 @@
 
 import torch
 
-from vkd_pyro.batching import LengthBucketSampler, PairedSplit, collate
+from vkd_pyro.data.batching import LengthBucketSampler, PairedSplit, collate
 
 
 class Records(torch.utils.data.Dataset):

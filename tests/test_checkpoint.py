@@ -8,13 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-import vkd_pyro.checkpoint as checkpoint
-from vkd_pyro.accel import apply_speed_options, autocast_forward
-from vkd_pyro.build import build_module
-from vkd_pyro.checkpoint import (capture_rng_state, load_checkpoint, load_resume_state, restore_rng_state,
-                                 save_atomic)
+import vkd_pyro.training.checkpoint as checkpoint
 from vkd_pyro.config import load_config
 from vkd_pyro.errors import UserError
+from vkd_pyro.training.accel import apply_speed_options, autocast_forward
+from vkd_pyro.training.build import build_module
+from vkd_pyro.training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_resume_state,
+    restore_rng_state,
+    save_atomic,
+)
 
 
 def test_save_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tiny_runs import tiny_overrides
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.cli import main
-from tests.tiny_runs import tiny_overrides
 
 TINY = tiny_overrides({"model.hidden": "[32]", "train.max_epochs": 2, "inference.test_samples": 4})
 

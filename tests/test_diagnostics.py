@@ -9,16 +9,24 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from guides import EHRPosterior, NoGuide
-from models import VKDModel
 from tests.conftest import FeaturesAsImages, MaskedMeanHead
+from vkd_pyro.analysis.diagnostics import (
+    active_units,
+    collapse_report,
+    diagonal_gaussian_kl,
+    elbo_terms,
+    expected_calibration_error,
+    held_out_log_likelihood,
+    importance_log_marginal,
+    latent_statistics,
+)
+from vkd_pyro.analysis.figures import cls_attention, grad_cam, gradcam_layer, merge_wordpieces, primary_classes
 from vkd_pyro.classes import NUM_CLASSES
-from vkd_pyro.diagnostics import (TrainingLogger, active_units, collapse_report, diagonal_gaussian_kl,
-                                  elbo_terms, expected_calibration_error, held_out_log_likelihood,
-                                  importance_log_marginal, latent_statistics)
-from vkd_pyro.figures import cls_attention, grad_cam, gradcam_layer, merge_wordpieces, primary_classes
-from vkd_pyro.module import VKDModule
-from vkd_pyro.objective import ObjectiveTerms
+from vkd_pyro.guides import EHRPosterior, NoGuide
+from vkd_pyro.inference.elbo import ObjectiveTerms
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.models import VKDModel
+from vkd_pyro.training.logger import TrainingLogger
 
 # --------------------------------------------------------------------------- ECE
 
@@ -107,8 +115,8 @@ def test_prior_and_guide_proposals_agree_on_a_small_model():
     torch.manual_seed(0)
     module = _tiny_module()
     with torch.no_grad():  # a guide broader than the prior: bounded importance weights
-        module.guide.posterior_net.head.bias[2:].fill_(2.0)
-        module.model.prior_net.head.bias[2:].fill_(0.0)
+        module.guide.posterior_net.net.head.bias[2:].fill_(2.0)
+        module.model.prior_net.net.head.bias[2:].fill_(0.0)
     split = _records(4)
     prior = held_out_log_likelihood(module, split, num_samples=20_000, proposal="prior", seed=0)
     guide = held_out_log_likelihood(module, split, num_samples=20_000, proposal="guide", seed=1)
@@ -229,3 +237,18 @@ def test_training_logger_writes_step_terms_to_tensorboard(tmp_path):
     off = TrainingLogger(tmp_path / "off")
     off.step(ObjectiveTerms(1.0, 1.0, 0.0, 0.0, 1.0))
     assert off.close()["train_steps"] == 1 and not (tmp_path / "off" / "tensorboard").exists()
+
+
+def test_calibration_leaves_masked_labels_out():
+    """Unknown labels (mask 0) count in no calibration figure, as in metrics.json's AUCs."""
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(size=(40, 14))
+    labels = (rng.uniform(size=(40, 14)) < probs).astype(float)
+    mask = rng.uniform(size=(40, 14)) < 0.6
+    labels[~mask] = 0.0  # an unknown label is stored as 0: counted, it would be a false negative
+    probs[~mask] = 0.99
+    masked = expected_calibration_error(probs, labels, mask=mask)
+    kept = expected_calibration_error(probs[mask], labels[mask])
+    assert masked["pairs"] == int(mask.sum()) == kept["pairs"]
+    assert masked["ece"] == pytest.approx(kept["ece"])
+    assert expected_calibration_error(probs, labels)["ece"] > masked["ece"] + 0.1

@@ -1,7 +1,7 @@
 """Several processes: the batch plan, and 2 gloo processes on the CPU against one process.
 
 The two-process run goes through the same code path as `torchrun --nproc_per_node=2 -m vkd_pyro
-train ...` (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment; vkd_pyro.distributed joins the
+train ...` (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment; vkd_pyro.training.distributed joins the
 group), started here with torch.multiprocessing.
 
 Why the comparison is exact: DDP splits every global batch between the processes. The gradient
@@ -22,11 +22,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from vkd_pyro.checkpoint import load_resume_state
-from vkd_pyro.config import load_config
-from vkd_pyro.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, shard
-from vkd_pyro.train import fit
 from tests.tiny_runs import tiny_overrides
+from vkd_pyro.config import load_config
+from vkd_pyro.data.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, shard
+from vkd_pyro.training.checkpoint import load_resume_state
+from vkd_pyro.training.loop import fit
 
 TINY = tiny_overrides({"model.dropout": 0, "text_encoder.dropout": 0, "image_encoder.width": 4,
                        "image_encoder.out_features": 16, "text_encoder.block_heads": None, "text_encoder.block_ffn": None,

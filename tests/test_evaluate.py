@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vkd_pyro.evaluate import auc_metrics, format_auc_table
+from vkd_pyro.training.evaluate import auc_metrics, format_auc_table
 
 
 def test_auc_known_values_and_undefined_class():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from vkd_pyro.build import build_module
-from vkd_pyro.checkpoint import save_atomic
 from vkd_pyro.config import config_from_dict
 from vkd_pyro.errors import ConfigError, UserError
-from vkd_pyro.evaluate import auc_metrics
-from vkd_pyro.finetune import init_from_run, load_matching_weights
+from vkd_pyro.training.build import build_module
+from vkd_pyro.training.checkpoint import save_atomic
+from vkd_pyro.training.evaluate import auc_metrics
+from vkd_pyro.training.finetune import init_from_run, load_matching_weights
 
 DIMS = {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
 SMALL = {"image_encoder": {"name": "small_cnn", "width": 4, "out_features": 16}, "model": {"z_dim": 8, "hidden": [8]}}

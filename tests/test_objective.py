@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
-from guides import EHRPosterior, NoGuide
-from models import VKDModel
 from tests.conftest import FeaturesAsImages, MaskedMeanHead
-from vkd_pyro.batching import Batch
-from vkd_pyro.families import GUIDES, PRIORS, build_family
-from vkd_pyro.module import VKDModule
+from vkd_pyro.data.batching import Batch
+from vkd_pyro.guides import EHRPosterior, NoGuide
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.models import VKDModel
+from vkd_pyro.training.families import GUIDES, PRIORS, build_family
 
 B, FEAT, HID, T, Z, C = 4, 5, 6, 7, 3, 14
 FAMILY_OPTIONS = {"lowrank": {"rank": 2}, "mixture": {"components": 3}}  # tiny ones; the rest: defaults
@@ -107,14 +107,14 @@ def test_zero_kl_weight_removes_the_kl_term_exactly(elbo, prior):
     assert terms.loss == pytest.approx(terms.image_nll + terms.text_nll, abs=1e-6)
     assert terms.kl > 0  # still recorded, unweighted
     loss.backward()
-    assert module.guide.posterior_net.head.weight.grad.abs().sum() > 0  # through the MI term
+    assert module.guide.posterior_net.net.head.weight.grad.abs().sum() > 0  # through the MI term
 
 
 def make_asymmetric(module):
     """Give the prior a narrow scale and the posterior a wide one, so KL(q||p) != KL(p||q)."""
     with torch.no_grad():
-        module.model.prior_net.head.bias[Z:] = -3.0  # softplus(-3) ~ 0.05
-        module.guide.posterior_net.head.bias[Z:] = 1.0  # softplus(1) ~ 1.3
+        module.model.prior_net.net.head.bias[Z:] = -3.0  # softplus(-3) ~ 0.05
+        module.guide.posterior_net.net.head.bias[Z:] = 1.0  # softplus(1) ~ 1.3
 
 
 @pytest.mark.parametrize("elbo", ["trace", "meanfield"])
@@ -179,8 +179,9 @@ def test_no_mi_drops_only_the_mi_term():
 def test_site_shapes_with_vectorised_particles(prior, guide):
     L, M = 5, 3
     module, batch = make_module(L=L, M=M, prior=prior, guide=guide), make_batch()
-    args, kwargs = module.batch_args(batch, 1.0)
-    model_trace, guide_trace = next(module.elbo._get_traces(module.model, module.guide, args, kwargs))
+    module(batch, 1.0)
+    (model_trace,), (guide_trace,) = module.elbo.traces  # one vectorised trace each, as Pyro ran them
+    model_trace.compute_log_prob()
     assert guide_trace.nodes["z"]["value"].shape == (L, B, Z)
     assert model_trace.nodes["z"]["value"].shape == (L, B, Z)
     assert model_trace.nodes["z"]["log_prob"].shape == (L, B)

@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
-from vkd_pyro.build import build_module
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.errors import UserError
+from vkd_pyro.training.build import build_module
 
 PAPER_CONFIGS = ["openi", "mimic_cxr", "chestxray14_finetune"]
 

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from data_fixtures import build_chestxray14, build_mimic_cxr, build_openi
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_fixtures import build_chestxray14, build_mimic_cxr, build_openi
-from vkd_pyro.batching import collate
 from vkd_pyro.classes import CLASS_INDEX, CLASSES
 from vkd_pyro.cli import main
+from vkd_pyro.data.batching import collate
 from vkd_pyro.data.chestxray14 import ChestXray14Dataset
 from vkd_pyro.data.labels import label_vector
 from vkd_pyro.data.mimic_cxr import MIMICCXRDataset, parse_sections, report_text

@@ -19,18 +19,18 @@ import pytest
 import torch
 import yaml
 
-import vkd_pyro.train as train_module
-from guides import EHRPosterior
-from models import VKDModel
+import vkd_pyro.training.loop as train_module
 from tests.conftest import FeaturesAsImages, MaskedMeanHead, tiny_batch
-from vkd_pyro.checkpoint import load_resume_state
+from tests.tiny_runs import tiny_overrides
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.errors import TrainingDiverged
-from vkd_pyro.module import VKDModule
-from vkd_pyro.stops import SignalFlag
-from vkd_pyro.train import TrainStep, fit
-from tests.tiny_runs import tiny_overrides
+from vkd_pyro.guides import EHRPosterior
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.models import VKDModel
+from vkd_pyro.training.checkpoint import load_resume_state
+from vkd_pyro.training.loop import TrainStep, fit
+from vkd_pyro.training.stops import SignalFlag
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_overrides({"image_encoder.width": 4, "image_encoder.out_features": 16, "text_encoder.block_heads": None,

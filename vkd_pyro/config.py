@@ -19,6 +19,7 @@ import yaml
 
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.errors import ConfigError
+from vkd_pyro.files import write_text
 
 
 def _check(predicate, message):
@@ -102,7 +103,8 @@ class TextEncoderConfig:
 @dataclass
 class ModelConfig:
     """Sizes of the latent code and of the MLPs of the prior p(z_I|x_I) and posterior q(z_T|x_T),
-    and their families (`vkd_pyro.families`: a registered name or an import path package.module:Name)."""
+    and their families: a registered name or an import path package.module:Name (checked when the
+    module is built, `vkd_pyro.training.families`)."""
 
     z_dim: int = field(default=512, metadata=_POSITIVE)
     hidden: list[int] = field(default_factory=lambda: [512, 512],
@@ -113,16 +115,10 @@ class ModelConfig:
     prior_options: dict = field(default_factory=dict)  # keyword options, e.g. {rank: 8}, {components: 4}
     guide_options: dict = field(default_factory=dict)  # e.g. {transform: affine_autoregressive, layers: 2}
 
-    def __post_init__(self):
-        from vkd_pyro.families import check_family  # validates names, import paths and option names
-
-        check_family("prior", self.prior, self.prior_options)
-        check_family("guide", self.guide, self.guide_options)
-
 
 @dataclass
 class AnnealingConfig:
-    """The KL weight beta_t (`vkd_pyro.schedules`): Eq. 9's cyclical schedule, a monotonic warm-up,
+    """The KL weight beta_t (`vkd_pyro.inference.schedules`): Eq. 9's cyclical schedule, a monotonic warm-up,
     a constant, or none (beta = 1)."""
 
     schedule: str = field(default="cyclical", metadata=_one_of("cyclical", "monotonic", "constant", "none"))
@@ -138,11 +134,16 @@ class InferenceConfig:
     """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts."""
 
     objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only"))
-    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield", "jit_trace", "jit_meanfield"))
+    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
     num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
     prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
     test_samples: int = field(default=16, metadata=_POSITIVE)  # S: prior samples at test time
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+
+    @property
+    def uses_reports(self) -> bool:
+        """Whether the objective reads the reports (a guide): `vkd` and `no_mi` do, `image_only` not."""
+        return self.objective != "image_only"
 
 
 @dataclass
@@ -181,7 +182,7 @@ class Config:
     device: str = field(default="cpu", metadata=_one_of("auto", "cpu", "cuda"))
     cache_dir: Optional[str] = None  # None = $VKD_PYRO_CACHE or ~/.cache/vkd-pyro
     # Fine-tuning: a run folder (or its checkpoint.pt) whose model.* weights that match in name and
-    # shape initialise this run's model (vkd_pyro.finetune), e.g. MIMIC-CXR -> ChestX-ray14.
+    # shape initialise this run's model (vkd_pyro.training.finetune), e.g. MIMIC-CXR -> ChestX-ray14.
     init_from: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -339,6 +340,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
     return config_from_dict(values, str(path), overrides)
 
 
-def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (what `train` puts in the run folder)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: Config, path: str | os.PathLike, comment: str = "") -> None:
+    """Write the resolved config as YAML (what `train` puts in the run folder), after `comment`
+    (lines starting with #: what produced the run, `vkd_pyro.training.provenance`)."""
+    write_text(path, comment + yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -9,7 +9,6 @@ found here, before any training.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from typing import Optional
@@ -17,8 +16,10 @@ from typing import Optional
 import numpy as np
 
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.config import Config
+from vkd_pyro.config import Config, load_config
+from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.data.splits import SPLIT_NAMES, dataset_splits
+from vkd_pyro.files import write_json
 
 
 def dataset_card(dataset, splits: dict, config: Config, seconds: Optional[float] = None) -> dict:
@@ -146,8 +147,6 @@ def format_card(card: dict) -> str:
 
 def check(config: Config) -> dict:
     """Build `config`'s dataset and splits (validating every record and image) and return its card."""
-    from vkd_pyro.data.registry import build_dataset
-
     started = time.perf_counter()
     dataset = build_dataset(config)
     splits = dataset_splits(dataset, config.data.split, config.data.split_seed)
@@ -172,15 +171,13 @@ def add_data_commands(commands) -> None:
 
 
 def _cmd_data(args) -> None:
-    from pathlib import Path
 
-    from vkd_pyro.config import load_config
 
     config = load_config(args.config, args.overrides)
     card = check(config)
     print(format_card(card), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(card, indent=2))
+        write_json(args.json, card)
         print(f"wrote {args.json}")
 
 

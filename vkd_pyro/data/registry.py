@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from vkd_pyro.config import Config
+from vkd_pyro.data.openi_phantom import OpenIPhantomDataset
+from vkd_pyro.data.real import build_real_dataset
 
 #: Datasets read from their real releases (vkd_pyro.data.real).
 REAL_DATASETS = ("openi", "mimic_cxr", "chestxray14")
@@ -13,13 +15,11 @@ def build_dataset(config: Config):
     a split keeps together) and `skipped` (records left out, by reason)."""
     data = config.data
     if data.name == "openi_phantom":
-        from vkd_pyro.data.openi_phantom import OpenIPhantomDataset
 
         return OpenIPhantomDataset(root=data.root, image_size=data.image_size, signal=data.signal,
                                    include_indication=data.include_indication, max_reports=data.max_reports,
                                    cache_dir=config.resolved_cache_dir())
     if data.name in REAL_DATASETS:
-        from vkd_pyro.data.real import build_real_dataset
 
         return build_real_dataset(config)
     raise AssertionError(f"unknown dataset {data.name}")  # the config validator lists the known names

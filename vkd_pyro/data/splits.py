@@ -39,7 +39,7 @@ def dataset_splits(dataset, fractions: Sequence[float], seed: int = 0) -> dict[s
 def split_label_mask(split) -> Optional[np.ndarray]:
     """The label mask (n, C) of a split's records (1 = label known), or None when every label is known.
 
-    `split` is a `vkd_pyro.batching.PairedSplit`: rows follow `split.indices`, as predictions do.
+    `split` is a `vkd_pyro.data.batching.PairedSplit`: rows follow `split.indices`, as predictions do.
     """
     mask = getattr(split.base, "label_mask", None)
     return None if mask is None else np.asarray(mask)[split.indices]

@@ -1,0 +1,356 @@
+"""Diagnostics of a trained VKD module, and the per-step training logger.
+
+Everything here reads a trained :class:`~vkd_pyro.inference.module.VKDModule` in eval mode (dropout off) under
+``torch.no_grad`` and a data split (a :class:`~vkd_pyro.data.batching.PairedSplit`):
+
+- :func:`elbo_terms`: minus Eq. 8 and its terms (image NLL, text NLL, KL) per example on a split, at
+  beta = 1: the training objective measured on held-out records.
+- :func:`latent_statistics`, :func:`active_units`, :func:`diagonal_gaussian_kl`: posterior collapse.
+  A latent unit d is *active* (Burda et al. 2015, "Importance Weighted Autoencoders", Sec. 5.2) when
+  Cov_x(E_q[z_d | x]) > 0.01; here the covariance is over the records of the split and the means are
+  those of the EHR posterior q(z_T | x_T) (of the prior p(z_I | x_I) too, reported apart). For diagonal
+  Gaussian families the KL(q || p) is also split per dimension and averaged over records.
+- :func:`importance_log_marginal`, :func:`held_out_log_likelihood`: an estimate of the quantity the
+  method bounds, log p(y | x_I) = log E_{p(z|x_I)} p(y | x_I, z) (Eq. 2), by importance sampling with
+  K samples: with the guide as proposal (reports available),
+      log 1/K sum_k p(y | x_I, z_k) p(z_k | x_I) / q(z_k | x_T),   z_k ~ q(z | x_T),
+  and with the prior as proposal (images alone; the plain Monte Carlo average),
+      log 1/K sum_k p(y | x_I, z_k),   z_k ~ p(z | x_I),
+  both with logsumexp. Either is a stochastic lower bound in expectation (Jensen) that tightens as K
+  grows and is consistent as K -> infinity.
+- :func:`expected_calibration_error`: ECE of the Monte Carlo predictive over all (record, class) pairs,
+  with equal-width bins on [0, 1] (10 by default): sum_b n_b / N |mean(y in b) - mean(p in b)|.
+- :func:`diagnose`: all of the above for a run folder, written to ``diagnostics.json``.
+- :class:`TrainingLogger`: what `vkd_pyro.training.loop.fit` calls once a step and once an epoch: the ELBO terms
+  to TensorBoard (``<run>/tensorboard/``, when ``train.tensorboard`` is true) and the step rate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vkd_pyro.analysis.runs import load_run
+from vkd_pyro.data.batching import collate
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.files import write_json
+from vkd_pyro.models.vkd import bernoulli_log_lik
+from vkd_pyro.training.evaluate import predict_split
+
+ELBO_TERMS = ("loss", "image_nll", "text_nll", "kl")
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
+DEFAULT_BINS = 10
+DEFAULT_IS_SAMPLES = 64
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def seeded(seed: Optional[int], device="cpu"):
+    """Run the block with torch's RNG seeded to `seed`, restoring the caller's RNG state after it."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _loader(split, batch_size: int) -> DataLoader:
+    return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def write_json_atomic(obj, path: os.PathLike) -> None:
+    """JSON (numpy values converted) through `vkd_pyro.files`: no half-written file."""
+    write_json(path, obj, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def has_guide(module) -> bool:
+    """Whether the module has an EHR posterior q(z_T | x_T) (objectives vkd and no_mi)."""
+    return hasattr(module.guide, "posterior")
+
+
+def distribution_mean(distribution, samples: int = 256) -> torch.Tensor:
+    """E[z] of a family's distribution: its `mean` where it has one, else (e.g. a normalising flow)
+    the mean of `samples` draws (reparameterised where possible, so that Grad-CAM can differentiate)."""
+    try:
+        return distribution.mean
+    except NotImplementedError:
+        draws = distribution.rsample((samples,)) if distribution.has_rsample else distribution.sample((samples,))
+        return draws.mean(0)
+
+
+def diagonal_normal(distribution) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(loc, scale) of a diagonal Gaussian (Normal, or Independent of Normal); None for other families."""
+    base = distribution
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if isinstance(base, torch.distributions.Normal):
+        return base.loc, base.scale
+    return None
+
+
+# --------------------------------------------------------------------------- ELBO terms
+
+
+@torch.no_grad()
+def elbo_terms(module, split, batch_size: int = 256, device="cpu", seed: Optional[int] = 0) -> dict:
+    """Mean per-example loss (minus Eq. 8), image NLL, text NLL and KL on `split` at beta = 1.
+
+    The module's own estimator (VKDModule.forward, L guide and M prior samples as configured) in eval
+    mode. The loss of `image_only` is its image NLL alone (no text term, no KL).
+    """
+    module.eval()
+    totals = dict.fromkeys(ELBO_TERMS, 0.0)
+    count = 0
+    with seeded(seed, device):
+        for batch in _loader(split, batch_size):
+            _, terms = module(batch.to(device), 1.0)
+            for key in ELBO_TERMS:
+                totals[key] += getattr(terms, key) * batch.size
+            count += batch.size
+    out = {key: totals[key] / max(count, 1) for key in ELBO_TERMS}
+    out.update(beta=1.0, n=count)
+    return out
+
+
+# --------------------------------------------------------------------------- posterior collapse
+
+
+@torch.no_grad()
+def latent_statistics(module, split, batch_size: int = 256, device="cpu") -> dict:
+    """Means of p(z_I | x_I) and (with a guide) q(z_T | x_T) per record, and for diagonal Gaussians
+    the KL(q || p) per dimension per record. Arrays (N, D) as numpy; missing parts are None.
+    (Means of families without a closed form, e.g. flows, are Monte Carlo: see distribution_mean.)"""
+    module.eval()
+    model = module.model
+    prior_means, guide_means, kl_dims, labels = [], [], [], []
+    with_guide = has_guide(module)
+    for batch in _loader(split, batch_size):
+        batch = batch.to(device)
+        prior = model.prior(model.image_encoder(batch.images))
+        prior_means.append(distribution_mean(prior).cpu())
+        labels.append(batch.labels.cpu())
+        if with_guide and batch.token_states is not None:
+            posterior = module.guide.posterior(batch.token_states, batch.token_mask)
+            guide_means.append(distribution_mean(posterior).cpu())
+            q, p = diagonal_normal(posterior), diagonal_normal(prior)
+            if q is not None and p is not None:
+                kl_dims.append(diagonal_gaussian_kl(q[0], q[1], p[0], p[1]).cpu())
+    cat = lambda parts: torch.cat(parts).numpy() if parts else None  # noqa: E731
+    return {"prior_mean": cat(prior_means), "guide_mean": cat(guide_means), "kl_per_dim": cat(kl_dims),
+            "labels": cat(labels)}
+
+
+def diagonal_gaussian_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+    """KL(N(q_loc, q_scale^2) || N(p_loc, p_scale^2)) elementwise (per dimension); sum the last dim
+    for the KL of the diagonal Gaussians."""
+    ratio = (q_scale / p_scale) ** 2
+    return 0.5 * (ratio + ((q_loc - p_loc) / p_scale) ** 2 - 1.0 - torch.log(ratio))
+
+
+def active_units(means: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, np.ndarray]:
+    """(count, per-dimension variance): unit d is active when Var_x(E_q[z_d | x]) > threshold.
+
+    `means` (N, D) are the posterior means of N records; the variance is over records (ddof=0)."""
+    means = np.asarray(means, dtype=np.float64)
+    if means.ndim != 2 or means.shape[0] < 2:
+        raise ValueError(f"active units need the means of at least 2 records as (N, D); got {means.shape}")
+    variance = means.var(axis=0)
+    return int((variance > threshold).sum()), variance
+
+
+# --------------------------------------------------------------------------- log p(y | x_I)
+
+
+def importance_log_marginal(log_lik: Callable[[torch.Tensor], torch.Tensor], prior, proposal=None,
+                            num_samples: int = DEFAULT_IS_SAMPLES, chunk: int = 64) -> torch.Tensor:
+    """Importance-sampling estimate of log integral p(y|z) p(z) dz, per batch element.
+
+    log_lik(z) maps samples (k, B, D) to log p(y | z) (k, B); `prior` and `proposal` are distributions
+    with batch shape (B,). With `proposal` None the prior is the proposal (plain Monte Carlo):
+    log 1/K sum_k p(y|z_k); otherwise log 1/K sum_k p(y|z_k) p(z_k) / q(z_k). Samples are drawn in
+    chunks of `chunk` and combined with logsumexp. Returns (B,).
+    """
+    if num_samples < 1:
+        raise ValueError(f"importance sampling needs K >= 1 samples, got {num_samples}")
+    parts = []
+    for start in range(0, num_samples, chunk):
+        k = min(chunk, num_samples - start)
+        if proposal is None:
+            z = prior.sample((k,))
+            log_w = log_lik(z)
+        else:
+            z = proposal.sample((k,))
+            log_w = log_lik(z) + prior.log_prob(z) - proposal.log_prob(z)
+        parts.append(torch.logsumexp(log_w, dim=0))
+    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)
+
+
+@torch.no_grad()
+def held_out_log_likelihood(module, split, num_samples: int = DEFAULT_IS_SAMPLES, proposal: str = "prior",
+                            batch_size: int = 256, device="cpu", seed: Optional[int] = 0) -> np.ndarray:
+    """Per-record estimate of log p(y | x_I) (Eq. 2), in nats, by :func:`importance_log_marginal`.
+
+    proposal: "prior" (p(z_I | x_I), images alone) or "guide" (q(z_T | x_T), needs reports).
+    """
+    if proposal not in ("prior", "guide"):
+        raise ValueError(f"proposal must be prior or guide, got {proposal!r}")
+    if proposal == "guide" and not has_guide(module):
+        raise ValueError("the guide proposal needs a module with an EHR posterior (objective vkd or no_mi)")
+    module.eval()
+    model = module.model
+    out = []
+    with seeded(seed, device):
+        for batch in _loader(split, batch_size):
+            batch = batch.to(device)
+            features = model.image_encoder(batch.images)
+            prior = model.prior(features)
+            q = None
+            if proposal == "guide":
+                if batch.token_states is None:
+                    raise ValueError("the guide proposal needs the split's report token states")
+                q = module.guide.posterior(batch.token_states, batch.token_mask)
+
+            def log_lik(z, features=features, batch=batch):
+                return bernoulli_log_lik(model.class_logits(z, features), batch.labels, batch.label_mask)
+
+            out.append(importance_log_marginal(log_lik, prior, q, num_samples).cpu())
+    return torch.cat(out).numpy()
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS,
+                               mask: Optional[np.ndarray] = None) -> dict:
+    """ECE over all (record, class) pairs with `bins` equal-width bins of the predicted probability.
+
+    `mask` (N, C), when given, leaves out the pairs where it is 0 (unknown labels: the ignore policy,
+    classes a dataset does not label), exactly as the AUCs of metrics.json do.
+
+    Pair i goes to bin floor(p_i * bins) (p = 1 into the last); ECE = sum_b n_b / N |f_b - c_b| with
+    f_b the fraction of positive labels and c_b the mean probability in bin b. Returns the ECE and a
+    per-bin table (lower/upper edge, count, confidence, frequency; empty bins have count 0).
+    """
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if mask is not None and p.shape == y.shape:
+        keep = np.asarray(mask).ravel() > 0
+        p, y = p[keep], y[keep]
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError(f"probs and labels must have the same non-empty shape; got {np.shape(probs)} and {np.shape(labels)}")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    index = np.clip(np.floor(p * bins).astype(int), 0, bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        inside = index == b
+        n = int(inside.sum())
+        confidence = float(p[inside].mean()) if n else None
+        frequency = float(y[inside].mean()) if n else None
+        if n:
+            ece += n / p.size * abs(frequency - confidence)
+        table.append({"lower": b / bins, "upper": (b + 1) / bins, "count": n,
+                      "confidence": confidence, "frequency": frequency})
+    return {"ece": float(ece), "bins": bins, "pairs": int(p.size), "table": table}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def summarize(module, split, config, device="cpu", is_samples: int = DEFAULT_IS_SAMPLES,
+              bins: int = DEFAULT_BINS, seed: int = 0, probs=None, labels=None) -> dict:
+    """The scalar diagnostics of a module on a split: the ELBO terms at beta = 1, log p(y|x_I) (both
+    proposals where a guide exists), the ECE of the predictive with S = inference.test_samples."""
+    batch_size = config.train.eval_batch_size
+    out = {"elbo": elbo_terms(module, split, batch_size, device, seed)}
+    log_lik = {"K": int(is_samples), "prior_proposal": float(np.mean(
+        held_out_log_likelihood(module, split, is_samples, "prior", batch_size, device, seed)))}
+    if has_guide(module) and getattr(split, "token_states", None) is not None:
+        log_lik["guide_proposal"] = float(np.mean(
+            held_out_log_likelihood(module, split, is_samples, "guide", batch_size, device, seed)))
+    out["log_p_y_given_x"] = log_lik
+    if probs is None:
+        with seeded(seed, device):
+            probs, _, labels = predict_split(module, split, config.inference.test_samples, batch_size, device)
+    out["calibration"] = expected_calibration_error(probs, labels, bins, split_label_mask(split))
+    out["calibration"]["S"] = int(config.inference.test_samples)
+    return out
+
+
+def collapse_report(stats: dict, threshold: float = ACTIVE_THRESHOLD) -> dict:
+    """Active units of the guide's and the prior's means and the per-dimension KL, from latent_statistics."""
+    out = {"threshold": threshold}
+    for name in ("guide", "prior"):
+        means = stats.get(f"{name}_mean")
+        if means is not None and len(means) >= 2:
+            count, variance = active_units(means, threshold)
+            out[f"{name}_active_units"] = count
+            out[f"{name}_mean_variance"] = variance.tolist()
+            out["z_dim"] = int(means.shape[1])
+    if stats.get("kl_per_dim") is not None:
+        kl = stats["kl_per_dim"].mean(axis=0)
+        out["kl_per_dim"] = kl.tolist()
+        out["kl_total"] = float(kl.sum())
+        out["kl_dims_above_0.01"] = int((kl > 0.01).sum())
+    return out
+
+
+def diagnose(run_dir, split: str = "test", is_samples: int = DEFAULT_IS_SAMPLES, bins: int = DEFAULT_BINS,
+             seed: int = 0) -> dict:
+    """Write `<run>/diagnostics.json` (diagnostics_<split>.json for other splits) and return it."""
+    run = load_run(run_dir)
+    data = prepare_data(run.config)
+    module, device = run.module, run.device
+    part = data.splits[split]
+    result = {"run": str(run_dir), "split": split, "n": len(part), "objective": run.config.inference.objective,
+              "dataset": run.config.data.name, "seed": seed}
+    result.update(summarize(module, part, run.config, device, is_samples, bins, seed))
+    stats = latent_statistics(module, part, run.config.train.eval_batch_size, device)
+    result["latent"] = collapse_report(stats)
+    suffix = "" if split == "test" else f"_{split}"
+    write_json_atomic(result, Path(run_dir) / f"diagnostics{suffix}.json")
+    return result
+
+
+def format_diagnostics(result: dict) -> str:
+    """A few lines for the terminal."""
+    e, lik, cal, lat = result["elbo"], result["log_p_y_given_x"], result["calibration"], result["latent"]
+    lines = [f"{result['split']} split, {result['n']} records, objective {result['objective']}",
+             f"  ELBO terms at beta=1 (per record): loss {e['loss']:.4f}  image NLL {e['image_nll']:.4f}  "
+             f"text NLL {e['text_nll']:.4f}  KL {e['kl']:.4f}",
+             f"  log p(y|x_I), K={lik['K']}: prior proposal {lik['prior_proposal']:.4f}"
+             + (f", guide proposal {lik['guide_proposal']:.4f}" if "guide_proposal" in lik else "") + " nats",
+             f"  ECE ({cal['bins']} equal-width bins, {cal['pairs']} record-class pairs, S={cal['S']}): {cal['ece']:.4f}"]
+    if "z_dim" in lat:
+        units = [f"{name} means {lat[f'{name}_active_units']}/{lat['z_dim']}" for name in ("guide", "prior")
+                 if f"{name}_active_units" in lat]
+        lines.append(f"  active units (Var_x E[z_d] > {lat['threshold']}): " + ", ".join(units))
+    if "kl_total" in lat:
+        lines.append(f"  KL(q||p) per record {lat['kl_total']:.4f}, {lat['kl_dims_above_0.01']}/{len(lat['kl_per_dim'])} "
+                     f"dimensions with mean KL > 0.01")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- training logger
+

@@ -1,0 +1,181 @@
+"""The Python API to a trained run: `load_run(run_dir, device)` -> a :class:`Run` to predict and evaluate with.
+
+    run = vkd_pyro.load_run("runs/demo-vkd-seed0", device="cpu")
+    prediction = run.predict(["chest.png"], samples=32)   # probabilities and their Monte Carlo spread
+    metrics = run.evaluate("test")                        # what metrics.json holds
+    run.model, run.guide                                  # the Pyro programs, for custom inference
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.config import Config, load_config
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.errors import UserError
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.training.build import build_module
+from vkd_pyro.training.checkpoint import load_checkpoint
+from vkd_pyro.training.evaluate import predict_split, split_metrics
+from vkd_pyro.training.loop import resolve_device
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
+
+
+@dataclass
+class Prediction:
+    """Per-class probabilities from images alone (Algorithm 2) and their Monte Carlo spread.
+
+    probability[i, c] = 1/S sum_s p(y_c = 1 | x_I^i, z_I^(s)), z_I^(s) ~ p(z_I | x_I^i);
+    std[i, c] is the standard deviation of those S values (the spread over prior samples).
+    """
+
+    probability: np.ndarray  # (N, C)
+    std: np.ndarray  # (N, C)
+    classes: tuple
+    samples: int
+    images: Optional[list] = None  # the file of each row, when predicted from files
+
+    def rows(self) -> list[dict]:
+        """One dict per image: {"image", "<class>": probability, "<class> std": spread}."""
+        out = []
+        for i in range(len(self.probability)):
+            row = {"image": self.images[i] if self.images else i}
+            for c, name in enumerate(self.classes):
+                row[name] = float(self.probability[i, c])
+                row[f"{name} std"] = float(self.std[i, c])
+            out.append(row)
+        return out
+
+
+@dataclass
+class Run:
+    """A trained run folder loaded for use from Python (`vkd_pyro.load_run`).
+
+    model, guide: the Pyro programs (`VKDModel`, `EHRPosterior`) for custom inference, e.g.
+        `pyro.infer.Predictive(run.model.program, num_samples=S)(features)` or an importance estimate;
+    predict(images, samples): probabilities from images alone; evaluate(split): what metrics.json holds.
+    """
+
+    config: Config
+    module: VKDModule
+    checkpoint: dict
+    device: torch.device
+    folder: Path
+
+    @property
+    def model(self):
+        return self.module.model
+
+    @property
+    def guide(self):
+        return self.module.guide
+
+    def predict(self, images, samples: Optional[int] = None, batch_size: Optional[int] = None,
+                progress: bool = False) -> Prediction:
+        """Algorithm 2 for `images`: file paths (files, folders, glob patterns; any format the training
+        decoder reads) or a tensor (B, 1, H, W) / (B, H, W) of values in [0, 1] at the run's image size."""
+        samples = samples or self.config.inference.test_samples
+        batch_size = batch_size or self.config.train.eval_batch_size
+        if torch.is_tensor(images):
+            paths, tensor = None, images if images.dim() == 4 else images.unsqueeze(1)
+            chunks = [tensor[i:i + batch_size] for i in range(0, len(tensor), batch_size)]
+        else:
+            paths = expand_image_paths([images] if isinstance(images, (str, Path)) else list(images))
+            chunks = (load_images(paths[i:i + batch_size], self.config.data.image_size)
+                      for i in range(0, len(paths), batch_size))
+        means, stds = [], []
+        self.module.eval()
+        total = len(paths) if paths is not None else len(tensor)
+        with tqdm(total=total, desc="predict", unit="image", disable=not progress, file=sys.stderr) as bar:
+            for chunk in chunks:
+                probs = self.module.predict(chunk.to(self.device, torch.float32), samples)
+                means.append(probs.mean(0).cpu())
+                stds.append(probs.std(0, unbiased=False).cpu())
+                bar.update(len(chunk))
+        return Prediction(torch.cat(means).numpy(), torch.cat(stds).numpy(), tuple(CLASSES), samples,
+                          [str(p) for p in paths] if paths is not None else None)
+
+    def evaluate(self, split: str = "test", samples: Optional[int] = None) -> dict:
+        """What metrics.json holds for `split` (per-class, macro, micro AUC from images alone), computed
+        now on this run's dataset; nothing is written."""
+        samples = samples or self.config.inference.test_samples
+        data = prepare_data(self.config, with_reports=False)
+        if split not in data.splits:
+            raise UserError(f"split {split!r}: not one of {', '.join(data.splits)}")
+        part = data.splits[split]
+        probs, _, labels = predict_split(self.module, part, samples, self.config.train.eval_batch_size, self.device)
+        return split_metrics(probs, labels, split_label_mask(part), self.config, split, samples,
+                             {"best_epoch": self.checkpoint.get("epoch"),
+                              "val_macro_auc": self.checkpoint.get("val_macro_auc")})
+
+
+def load_run(run_dir, device: str = "cpu") -> Run:
+    """The run in folder `run_dir` (config.yaml + checkpoint.pt) on `device` (cpu, cuda or auto), in
+    eval mode. A run trained on a GPU loads on a CPU: the weights are read to the CPU first."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: run folder not found (train writes one with --out)")
+    config = load_config(folder / "config.yaml")
+    config.device = device
+    checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    target = resolve_device(device)
+    module = build_module(config, checkpoint.get("text_dims"))
+    try:
+        module.load_state_dict(checkpoint["module"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{folder / 'checkpoint.pt'}: does not match {folder / 'config.yaml'} "
+                        f"({str(exc).splitlines()[0]})") from None
+    module.to(target).eval()
+    return Run(config, module, checkpoint, target, folder)
+
+
+def expand_image_paths(items: Sequence) -> list[str]:
+    """Files as given; a folder -> its image files (sorted, not recursive); a glob pattern -> its
+    matches (sorted). UserError, naming the item, when something names no image."""
+    paths: list[str] = []
+    for item in items:
+        item = str(item)
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise UserError(f"{item}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.exists():
+            paths.append(item)
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{item}: no file matches the pattern")
+            paths += found
+        else:
+            raise UserError(f"{item}: image not found")
+    return paths
+
+
+def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Grayscale images resized to (size, size), as a batch (B, 1, size, size) in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    batch = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                grey = image.convert("L").resize((size, size), Image.BILINEAR)
+        except FileNotFoundError:
+            raise UserError(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"{path}: not a readable image ({type(exc).__name__})") from None
+        batch.append(torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0))
+    return torch.stack(batch).unsqueeze(1)

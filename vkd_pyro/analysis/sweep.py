@@ -1,0 +1,418 @@
+"""Sweeps: train a grid of configurations over seeds, one ordinary run folder each, and tabulate them.
+
+`vkd-pyro sweep --config FILE --grid key=v1,v2 [--grid ...] --seeds N --out DIR [key=value ...]`:
+
+- every combination of the grid values, for seeds base, base+1, ..., base+N-1 (base = the config's
+  `seed`), is trained by :func:`vkd_pyro.training.loop.fit` into ``DIR/runs/<key=value,...>-seed<k>/``;
+- a run is *finished* when its folder holds metrics.json (written last by training). A sweep started
+  again skips the finished runs and trains the others; an interrupted one continues from its resume
+  state last.pt when it has one (`fit(resume=True)`), else starts afresh (its wall time then counts
+  only the resumed part);
+- after each run the module is evaluated once more on the test split (:func:`vkd_pyro.analysis.diagnostics.
+  summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE) and the
+  result is kept in the run folder as ``sweep_run.json`` (with the wall time of the run);
+- ``DIR/sweep.csv`` (one row a run) and ``DIR/sweep.md`` (mean and std over seeds per grid point) are
+  rebuilt from the run folders after every run, ``DIR/sweep.png`` at the end; each file is replaced
+  atomically.
+
+Grid values are YAML, as in dotted overrides; a value that itself holds commas is bracketed
+(``model.hidden=[16,16],[32]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
+from vkd_pyro.analysis.runs import load_run
+from vkd_pyro.config import load_config, parse_value, split_assignment
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.errors import UserError
+from vkd_pyro.files import atomic_path, write_text
+from vkd_pyro.training.loop import fit as train_fit
+
+# Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
+METRIC_COLUMNS = [
+    ("macro_auc", "macro AUC", "{:.3f}"),
+    ("micro_auc", "micro AUC", "{:.3f}"),
+    ("loss", "test loss", "{:.3f}"),
+    ("image_nll", "image NLL", "{:.3f}"),
+    ("text_nll", "text NLL", "{:.3f}"),
+    ("kl", "KL", "{:.3f}"),
+    ("log_lik", "log p(y\\|x)", "{:.3f}"),  # the pipe escaped: a markdown table cell
+    ("ece", "ECE", "{:.3f}"),
+    ("wall_seconds", "seconds", "{:.1f}"),
+    ("steps_per_second", "steps/s", "{:.2f}"),
+    ("best_epoch", "best epoch", "{:.1f}"),
+]
+RUN_SUMMARY = "sweep_run.json"
+IS_SAMPLES = 64  # K for the log p(y|x_I) column (prior proposal)
+
+
+@dataclass
+class Axis:
+    """One grid key and its values, as written (`texts`) and as parsed YAML (`values`)."""
+    key: str
+    texts: list[str]
+    values: list = field(default_factory=list)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    assignment: dict  # key -> value text
+    seed: int
+    overrides: list[str]
+    folder: Path
+
+
+def split_values(text: str) -> list[str]:
+    """Split `v1,v2,...` at the commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def parse_grid(specs: Sequence[str]) -> list[Axis]:
+    """`key=v1,v2,...` specs to axes; a repeated key or an empty value is a UserError."""
+    axes, seen = [], set()
+    for spec in specs:
+        assignment = split_assignment(spec)
+        if assignment is None:
+            raise UserError(f"--grid {spec}: write key=value1,value2,...")
+        key, raw = assignment
+        if key == "seed":
+            raise UserError("--grid seed=...: use --seeds N for seeds")
+        if key in seen:
+            raise UserError(f"--grid {key}: given twice")
+        seen.add(key)
+        texts = split_values(raw)
+        if any(t == "" for t in texts):
+            raise UserError(f"--grid {spec}: an empty value")
+        if len(set(texts)) != len(texts):
+            raise UserError(f"--grid {spec}: a value is repeated")
+        values = [parse_value(t) for t in texts]
+        axes.append(Axis(key, texts, values))
+    return axes
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def run_name(assignment: dict, seed: int) -> str:
+    """`key=value,key=value-seed<k>` (values made safe for a file name), `seed<k>` without a grid."""
+    parts = ",".join(f"{key}={_safe(text)}" for key, text in assignment.items())
+    return f"{parts}-seed{seed}" if parts else f"seed{seed}"
+
+
+def plan(config_path: str, axes: Sequence[Axis], seeds: int, out_dir: Path,
+         overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every (grid point, seed) as a PlannedRun; every config is built (validated) before any run starts."""
+    if seeds < 1:
+        raise UserError(f"--seeds: must be >= 1, got {seeds}")
+    base = load_config(config_path, overrides).seed
+    runs, names = [], set()
+    for combo in itertools.product(*[axis.texts for axis in axes]):
+        assignment = {axis.key: text for axis, text in zip(axes, combo)}
+        for k in range(seeds):
+            seed = base + k
+            extra = list(overrides) + [f"{key}={text}" for key, text in assignment.items()] + [f"seed={seed}"]
+            load_config(config_path, extra)  # raises a one-line ConfigError for a bad key or value
+            name = run_name(assignment, seed)
+            if name in names:
+                raise UserError(f"--grid: two grid points give the same run folder name {name}")
+            names.add(name)
+            runs.append(PlannedRun(name, assignment, seed, extra, Path(out_dir) / "runs" / name))
+    return runs
+
+
+def is_finished(folder: Path) -> bool:
+    return (Path(folder) / "metrics.json").is_file()
+
+
+_PREPARED: dict = {}  # the last PreparedData evaluate_run used, under "data", and its "key"
+
+
+def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
+    """Load a finished run, evaluate the sweep's extra metrics on its test split, write sweep_run.json."""
+    run = load_run(str(folder))
+    key = json.dumps([run.config.to_dict()[k] for k in ("data", "text_encoder", "cache_dir")]
+                     + [run.config.inference.objective != "image_only"], sort_keys=True, default=str)
+    if _PREPARED.get("key") != key:  # the runs of a sweep mostly share their data: prepare it once
+        _PREPARED.clear()
+        _PREPARED.update(key=key, data=prepare_data(run.config))
+    data = _PREPARED["data"]
+    result = summarize(run.module, data.splits["test"], run.config, run.device, is_samples=IS_SAMPLES)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if wall_seconds is None:  # a run finished by an earlier, interrupted sweep: its training time
+        wall_seconds = metrics.get("train_seconds")
+    summary = {"wall_seconds": wall_seconds, "elbo": result["elbo"],
+               "log_lik": result["log_p_y_given_x"]["prior_proposal"], "is_samples": IS_SAMPLES,
+               "ece": result["calibration"]["ece"], "ece_bins": result["calibration"]["bins"]}
+    write_json_atomic(summary, folder / RUN_SUMMARY)
+    return summary
+
+
+def _number(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value
+
+
+def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis]) -> list[dict]:
+    """One row per finished planned run, read from its folder (metrics.json, sweep_run.json)."""
+    rows = []
+    for run in runs:
+        if not is_finished(run.folder):
+            continue
+        metrics = json.loads((run.folder / "metrics.json").read_text())
+        summary_path = run.folder / RUN_SUMMARY
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        elbo = summary.get("elbo", {})
+        row = {axis.key: run.assignment[axis.key] for axis in axes}
+        row.update(seed=run.seed, macro_auc=_number(metrics.get("macro_auc")),
+                   micro_auc=_number(metrics.get("micro_auc")),
+                   loss=_number(elbo.get("loss")), image_nll=_number(elbo.get("image_nll")),
+                   text_nll=_number(elbo.get("text_nll")), kl=_number(elbo.get("kl")),
+                   log_lik=_number(summary.get("log_lik")), ece=_number(summary.get("ece")),
+                   wall_seconds=_number(summary.get("wall_seconds", metrics.get("train_seconds"))),
+                   steps_per_second=_number(metrics.get("steps_per_second")),
+                   best_epoch=_number(metrics.get("best_epoch")), run=run.name)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: Sequence[dict], axes: Sequence[Axis], path: Path) -> None:
+    columns = [axis.key for axis in axes] + ["seed"] + [c for c, _, _ in METRIC_COLUMNS] + ["run"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample std with n-1, n) over the finite values; std is nan for fewer than 2."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return math.nan, math.nan, 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+    return float(np.mean(finite)), std, len(finite)
+
+
+def format_mean_std(values: Sequence[float], fmt: str = "{:.3f}") -> str:
+    """`mean ± std` (std over seeds, n-1); the mean alone for one value; `–` for none."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "–"
+    return fmt.format(mean) + (" ± " + fmt.format(std) if n > 1 else "")
+
+
+def aggregate(rows: Sequence[dict], axes: Sequence[Axis]) -> list[tuple[dict, list[dict]]]:
+    """Rows grouped by grid point, in grid order: [(assignment, rows of its seeds)]."""
+    groups = []
+    for combo in itertools.product(*[axis.texts for axis in axes]):
+        assignment = dict(zip([a.key for a in axes], combo))
+        members = [r for r in rows if all(r[k] == v for k, v in assignment.items())]
+        if members:
+            groups.append((assignment, members))
+    return groups
+
+
+def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, notes: Sequence[str] = ()) -> str:
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [f"{n}  " for n in notes] + [""]
+    header = [axis.key for axis in axes] + ["seeds"] + [label for _, label, _ in METRIC_COLUMNS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for assignment, members in aggregate(rows, axes):
+        cells = [assignment[a.key] for a in axes] + [str(len(members))]
+        cells += [format_mean_std([m[c] for m in members], fmt) for c, _, fmt in METRIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± std over seeds (sample std, n-1; the mean alone with one seed). Test split. "
+              "test loss, image NLL, text NLL, KL: the ELBO terms (minus Eq. 8) per record at beta = 1. "
+              f"log p(y|x): Monte Carlo estimate over K={IS_SAMPLES} prior samples, nats per record. "
+              "ECE: 10 equal-width bins over all (record, class) pairs. seconds: wall time of the run "
+              "(training and test evaluation); steps/s: optimizer steps per second of training, "
+              "validation left out.", ""]
+    return "\n".join(lines)
+
+
+SAMPLE_KEYS = ("num_particles", "prior_samples", "test_samples", "z_dim")
+
+
+def _x_axis(axes: Sequence[Axis]) -> Optional[int]:
+    numeric = [i for i, a in enumerate(axes)
+               if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.values)]
+    for i in numeric:
+        if axes[i].key.rsplit(".", 1)[-1] in SAMPLE_KEYS:
+            return i
+    return numeric[0] if numeric else (0 if axes else None)
+
+
+def plot_sweep(rows: Sequence[dict], axes: Sequence[Axis], path: Path, title: str = "") -> None:
+    """Macro AUC, wall seconds and steps/s against the (first sample-count or numeric) grid key, one
+    line per combination of the other keys, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("macro_auc", "test macro AUC"), ("wall_seconds", "wall seconds per run"),
+              ("steps_per_second", "training steps / s")]
+    fig, axs = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    xi = _x_axis(axes)
+    if xi is None:  # no grid: one point per metric
+        for ax, (column, label) in zip(axs, panels):
+            mean, std, _ = mean_std([r[column] for r in rows])
+            ax.errorbar([0], [mean], yerr=[0 if math.isnan(std) else std], fmt="o")
+            ax.set_title(label)
+            ax.set_xticks([])
+    else:
+        x_axis = axes[xi]
+        others = [a for i, a in enumerate(axes) if i != xi]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_axis.values)
+        positions = dict(zip(x_axis.texts, x_axis.values if numeric else range(len(x_axis.texts))))
+        for combo in itertools.product(*[a.texts for a in others]):
+            fixed = dict(zip([a.key for a in others], combo))
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in fixed.items()) or None
+            for ax, (column, _) in zip(axs, panels):
+                xs, means, stds = [], [], []
+                for text in x_axis.texts:
+                    members = [r for r in rows if r[x_axis.key] == text
+                               and all(r[k] == v for k, v in fixed.items())]
+                    mean, std, n = mean_std([m[column] for m in members])
+                    if n:
+                        xs.append(positions[text])
+                        means.append(mean)
+                        stds.append(0.0 if math.isnan(std) else std)
+                if xs:
+                    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label,
+                                linestyle="-" if numeric else "none")
+        for ax, (_, label) in zip(axs, panels):
+            ax.set_xlabel(x_axis.key)
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+            if numeric:
+                values = [float(v) for v in x_axis.values]
+                if min(values) > 0 and max(values) / min(values) >= 4:
+                    ax.set_xscale("log", base=2)
+                ax.set_xticks(values)
+                ax.set_xticklabels(x_axis.texts)
+            else:
+                ax.set_xticks(range(len(x_axis.texts)))
+                ax.set_xticklabels(x_axis.texts, rotation=20)
+        if others:
+            axs[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+@dataclass
+class SweepResult:
+    rows: list
+    axes: list
+    ran: list
+    skipped: list
+    failed: dict
+    out_dir: Path
+
+
+def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], plot: bool = True) -> list[dict]:
+    """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders."""
+    rows = collect_rows(runs, axes)
+    write_csv(rows, axes, out_dir / "sweep.csv")
+    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, notes))
+    if rows and plot:
+        plot_sweep(rows, axes, out_dir / "sweep.png", title)
+    return rows
+
+
+def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overrides: Sequence[str] = (),
+              progress: Optional[bool] = False, fit: Optional[Callable] = None,
+              say: Callable[[str], None] = print) -> SweepResult:
+    """Train the planned runs that are not finished, then (re)write sweep.csv, sweep.md and sweep.png.
+
+    `fit` defaults to :func:`vkd_pyro.training.loop.fit` (tests pass a counting wrapper). A run that fails
+    with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
+    started again tries it again.
+    """
+    fit = fit or train_fit
+    out_dir = Path(out_dir)
+    runs = plan(config_path, axes, seeds, out_dir, overrides)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    grid_text = "; ".join(f"{a.key} = {', '.join(a.texts)}" for a in axes) or "(none)"
+    title = f"Sweep of {config_path}"
+    notes = [f"grid: {grid_text}", f"seeds: {seeds} ({', '.join(str(r.seed) for r in runs[:seeds])})",
+             f"overrides: {' '.join(overrides) or '(none)'}"]
+    (out_dir / "sweep.json").write_text(json.dumps(
+        {"config": str(config_path), "grid": {a.key: a.texts for a in axes}, "seeds": seeds,
+         "overrides": list(overrides)}, indent=2))
+    ran, skipped, failed = [], [], {}
+    for i, run in enumerate(runs, 1):
+        where = f"[{i}/{len(runs)}] {run.name}"
+        if is_finished(run.folder):
+            skipped.append(run.name)
+            if not (run.folder / RUN_SUMMARY).is_file():
+                evaluate_run(run.folder)
+            say(f"{where}: finished before, skipped")
+            continue
+        # An interrupted run continues from its resume state (last.pt) where training wrote one.
+        resume = (run.folder / "last.pt").is_file()
+        say(f"{where}: " + ("resuming from last.pt" if resume else "training"))
+        config = load_config(config_path, run.overrides)
+        started = time.perf_counter()
+        try:
+            fit(config, run.folder, progress=progress, **({"resume": True} if resume else {}))
+        except UserError as exc:
+            failed[run.name] = str(exc)
+            (run.folder / "error.txt").write_text(str(exc) + "\n")
+            say(f"{where}: failed: {exc}")
+            continue
+        wall = time.perf_counter() - started
+        if not is_finished(run.folder):
+            failed[run.name] = "training wrote no metrics.json"
+            continue
+        (run.folder / "error.txt").unlink(missing_ok=True)
+        evaluate_run(run.folder, wall)
+        ran.append(run.name)
+        write_outputs(runs, axes, out_dir, title, notes, plot=False)  # the tables so far; the plot at the end
+    rows = write_outputs(runs, axes, out_dir, title, notes)
+    say(f"sweep: {len(ran)} trained, {len(skipped)} finished before, {len(failed)} failed; "
+        f"wrote {out_dir}/sweep.csv, sweep.md" + (", sweep.png" if rows else ""))
+    return SweepResult(rows, list(axes), ran, skipped, failed, out_dir)

@@ -1,0 +1,190 @@
+"""The `vkd-pyro` command line: train, evaluate, predict, render.
+
+A user mistake (a bad config key or value, a missing file, a bad record) prints one line,
+`vkd-pyro: error: ...`, and exits with status 2; no traceback. A training stopped by SIGINT or
+SIGTERM writes its resume state, prints one line with the command that resumes it
+(`vkd-pyro train --resume DIR`) and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas
+
+from vkd_pyro.analysis.runs import load_run
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.cli.analysis import ANALYSIS_COMMANDS, add_analysis_commands
+from vkd_pyro.config import load_config
+from vkd_pyro.data.card import DATA_COMMANDS, add_data_commands
+from vkd_pyro.data.phantom import contact_sheet
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.data.registry import build_dataset
+from vkd_pyro.errors import Interrupted, UserError
+from vkd_pyro.files import atomic_path
+from vkd_pyro.training.evaluate import report
+from vkd_pyro.training.loop import fit
+from vkd_pyro.training.resume import resume_config
+
+DESCRIPTION = (
+    "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
+    "X-rays paired with reports, diagnose from the X-ray alone."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vkd-pyro", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model and evaluate it on the test split",
+                                description="Train with SVI (minus Eq. 8), keep the best validation "
+                                "checkpoint, then evaluate on the test split from images alone.")
+    train.add_argument("--config", default=None, help="YAML config file (e.g. configs/demo.yaml); not with --resume")
+    train.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue the interrupted run in DIR from its last.pt (overrides: only run-time keys "
+                       "such as train.max_epochs, device, data.num_workers)")
+    train.add_argument("--out", default=None, help="run folder (default runs/<config name>-<objective>-seed<seed>)")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="recompute metrics.json of a run from its checkpoint",
+                                   description="Evaluate a trained run from images alone (Algorithm 2).")
+    evaluate.add_argument("--run", required=True, help="run folder written by train")
+    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    evaluate.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                          help="where to evaluate (default auto: a GPU when one is visible); any run loads on any device")
+
+    predict = commands.add_parser("predict", help="class probabilities for image files, from the image alone",
+                                  description="Per-class probability (mean over S prior samples) and its "
+                                  "Monte Carlo spread for each image.")
+    predict.add_argument("--run", required=True, help="run folder written by train")
+    predict.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="image files (PNG, JPEG, TIFF, DICOM), folders of them, or glob patterns")
+    predict.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+    predict.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="where to predict (default auto: a GPU when one is visible)")
+    predict.add_argument("--csv", default=None, metavar="FILE",
+                         help="write one row per image: its path, each class's probability and std")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    render = commands.add_parser("render", help="write a contact sheet of a dataset's images with their labels")
+    render.add_argument("--config", required=True, help="YAML config file")
+    render.add_argument("--out", required=True, help="PNG file to write")
+    render.add_argument("--count", type=int, default=24, help="how many records (default 24)")
+    render.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    add_analysis_commands(commands)  # sweep, ablate, diagnose, figures
+    add_data_commands(commands)  # data check
+    return parser
+
+
+def _positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name}: must be >= 1, got {value}")
+
+
+def _cmd_train(args) -> None:
+
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+
+        if args.config is not None or args.out is not None:
+            raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
+        fit(resume_config(args.resume, args.overrides), Path(args.resume), progress=progress, resume=True)
+        return
+    if args.config is None:
+        raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.inference.objective}-seed{config.seed}"
+    fit(config, out, progress=progress)
+
+
+def _cmd_evaluate(args) -> None:
+    _positive(args.samples, "--samples")
+    run = load_run(args.run, device=args.device)
+    data = prepare_data(run.config, with_reports=False)
+    samples = args.samples or run.config.inference.test_samples
+    report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
+           {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc")})
+
+
+def _cmd_predict(args) -> None:
+    _positive(args.samples, "--samples")
+    _positive(args.batch_size, "--batch-size")
+    run = load_run(args.run, device=args.device)
+    prediction = run.predict(args.images, args.samples, args.batch_size, progress=sys.stderr.isatty())
+    rows = prediction.rows()
+    if args.csv:
+        with atomic_path(args.csv) as tmp:
+            pandas.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6f")
+        print(f"wrote {args.csv}: {len(rows)} images, {len(prediction.classes)} classes "
+              f"(probability and std over S={prediction.samples} prior samples)")
+    if args.json:
+        print(json.dumps([{"image": r["image"], "probability": {c: r[c] for c in prediction.classes},
+                           "std": {c: r[f"{c} std"] for c in prediction.classes}} for r in rows], indent=2))
+    if args.csv or args.json:
+        return
+    for i, path in enumerate(prediction.images):
+        print(f"{path}  (S={prediction.samples} prior samples; probability ± Monte Carlo std)")
+        for c, name in enumerate(prediction.classes):
+            print(f"  {name:28s} {prediction.probability[i, c]:.3f} ± {prediction.std[i, c]:.3f}")
+
+
+def _cmd_render(args) -> None:
+
+    _positive(args.count, "--count")
+    config = load_config(args.config, args.overrides)
+    if config.data.max_reports is None:  # render only what the sheet shows
+        config.data.max_reports = max(args.count, 10)
+    dataset = build_dataset(config)
+    count = min(args.count, len(dataset))
+    titles = []
+    for i in range(count):
+        names = [CLASSES[c] for c in dataset.labels[i].nonzero()[0]]
+        titles.append(f"{dataset.groups[i]}: " + (", ".join(names) or "(no label)"))
+    contact_sheet([dataset.images[i] for i in range(count)], titles, args.out)
+    print(f"wrote {args.out}: {count} {config.data.name} images at {config.data.image_size} px, signal {config.data.signal}")
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "render": _cmd_render}
+COMMANDS.update(ANALYSIS_COMMANDS)
+COMMANDS.update(DATA_COMMANDS)
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse the command line; `key=value` overrides may also stand after the flags."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"vkd-pyro: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:  # SIGINT/SIGTERM during training: last.pt written (exit 130 / 143)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print(f"vkd-pyro: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vkd-pyro: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

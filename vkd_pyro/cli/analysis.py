@@ -1,0 +1,108 @@
+"""The analysis commands of `vkd-pyro`: sweep, ablate, diagnose, figures (registered by vkd_pyro.cli).
+
+Kept apart from cli.py so that the main parser stays small; nothing heavy is imported until a
+command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vkd_pyro.analysis.ablate import ablate
+from vkd_pyro.analysis.diagnostics import diagnose, format_diagnostics
+from vkd_pyro.analysis.figures import make_figures
+from vkd_pyro.analysis.sweep import parse_grid, run_sweep
+from vkd_pyro.errors import UserError
+
+
+def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
+    """The options of the commands that train runs as a sweep (sweep, ablate)."""
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--seeds", type=int, default=1, help=seeds_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_analysis_commands(commands) -> None:
+    """Add the sweep, ablate, diagnose and figures sub-parsers to `commands` (add_subparsers)."""
+    sweep = commands.add_parser(
+        "sweep", help="train a grid of configurations over seeds and tabulate them",
+        description="Train every combination of the --grid values for each seed into DIR/runs/<key=value,...>-seed<k>/ "
+        "(skipping runs that finished before: those with metrics.json), then write DIR/sweep.csv, "
+        "DIR/sweep.md (mean ± std over seeds) and DIR/sweep.png.")
+    _add_run_options(sweep, "seeds per grid point: seed, seed+1, ... (default 1)", "sweep folder")
+    sweep.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
+                       help="a config key and its values (repeat for more keys), e.g. inference.num_particles=1,4,16")
+
+    ablate = commands.add_parser(
+        "ablate", help="the paper's ablations (Table 2 or 3) as a sweep, in the paper's layout",
+        description="Table 2: inference.objective = vkd, no_mi, image_only; Table 3: model.z_dim = 64, 128, "
+        "512, 1024. Runs them as a sweep (resumable) and writes DIR/table2.md or DIR/table3.md with the paper's "
+        "figures beside ours.")
+    _add_run_options(ablate, "seeds per configuration (default 1)", "ablation folder")
+    ablate.add_argument("--table", type=int, required=True, choices=[2, 3], help="2 (architecture) or 3 (size of z)")
+    ablate.add_argument("--values", default=None, metavar="V1,V2,...",
+                        help="Table 3 only: sizes of z instead of the paper's 64,128,512,1024")
+
+    diagnose = commands.add_parser(
+        "diagnose", help="ELBO terms, posterior collapse, log p(y|x) and calibration of a run",
+        description="Write <run>/diagnostics.json: the test ELBO terms at beta = 1, active units and the KL per "
+        "latent dimension, an importance-sampling estimate of log p(y|x_I) (Eq. 2; prior and guide proposals) "
+        "and the expected calibration error of the predictive.")
+    diagnose.add_argument("--run", required=True, help="run folder written by train")
+    diagnose.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    diagnose.add_argument("--samples", type=int, default=64, help="K, importance samples for log p(y|x) (default 64)")
+    diagnose.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE (default 10)")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates (default 0)")
+
+    figures = commands.add_parser(
+        "figures", help="the paper's figures for a run (t-SNE of z_I, Grad-CAM + report attention, ROC, curves)",
+        description="Write PNGs into <run>/figures/: tsne.png (Fig. 2, beside --compare), record_*.png (Fig. 3), "
+        "roc.png, reliability.png, training_curves.png, latent_units.png.")
+    figures.add_argument("--run", required=True, help="run folder written by train (e.g. a VKD run)")
+    figures.add_argument("--compare", default=None, help="a second run folder for the t-SNE (e.g. image_only)")
+    figures.add_argument("--records", type=int, default=2, help="records for Fig. 3 (default 2)")
+    figures.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+
+
+def _cmd_sweep(args) -> None:
+
+    if not args.grid:
+        raise UserError("sweep: give at least one --grid key=v1,v2,...")
+    result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
+                       progress=False if args.no_progress else None)
+    if result.rows:
+        print("\n" + (Path(args.out) / "sweep.md").read_text())
+    if result.failed:
+        raise UserError(f"{len(result.failed)} run(s) failed (see {args.out}/runs/*/error.txt); "
+                        f"the same command trains them again")
+
+
+def _cmd_ablate(args) -> None:
+
+    values = [v for v in args.values.split(",") if v.strip()] if args.values else None
+    text = ablate(args.config, args.table, args.seeds, Path(args.out), args.overrides, values,
+                  progress=False if args.no_progress else None)
+    print("\n" + text)
+
+
+def _cmd_diagnose(args) -> None:
+
+    if args.samples < 1 or args.bins < 1:
+        raise UserError("--samples and --bins: must be >= 1")
+    result = diagnose(args.run, args.split, args.samples, args.bins, args.seed)
+    print(format_diagnostics(result))
+    suffix = "" if args.split == "test" else f"_{args.split}"
+    print(f"wrote {Path(args.run) / f'diagnostics{suffix}.json'}")
+
+
+def _cmd_figures(args) -> None:
+
+    if args.samples is not None and args.samples < 1:
+        raise UserError(f"--samples: must be >= 1, got {args.samples}")
+    make_figures(args.run, args.compare, args.records, args.samples)
+
+
+ANALYSIS_COMMANDS = {"sweep": _cmd_sweep, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "figures": _cmd_figures}
+

@@ -1,0 +1,1 @@
+"""Inference for the probabilistic core: the ELBO estimators and their terms, the module, KL annealing."""

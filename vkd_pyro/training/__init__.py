@@ -1,0 +1,1 @@
+"""Training: building the module a config describes, the SVI loop, checkpoints, resume, signals, DDP."""

@@ -1,0 +1,162 @@
+"""Evaluation from images alone (Algorithm 2): Monte Carlo predictive, per-class ROC AUC, the table.
+
+The predictive probability of class c is the mean over S prior samples z_I^(s) ~ p(z_I|x_I) of
+p(y_c = 1 | x_I, z_I^(s)); its spread is their standard deviation. AUCs are scikit-learn's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch.utils.data import DataLoader
+
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.config import Config
+from vkd_pyro.data.batching import collate
+from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.files import atomic_path, write_json
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.training import distributed
+from vkd_pyro.training.distributed import say
+
+
+@torch.no_grad()
+def predict_split(module: VKDModule, split, num_samples: int, batch_size: int = 256, device="cpu",
+                  num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean probability (N, C), Monte Carlo std (N, C), labels (N, C)) for a split, images only."""
+    module.eval()
+    means, stds, labels = [], [], []
+    loader = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    for batch in loader:
+        probs = module.predict(batch.images.to(device), num_samples)
+        means.append(probs.mean(0).cpu())
+        stds.append(probs.std(0, unbiased=False).cpu())
+        labels.append(batch.labels)
+    return torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy()
+
+
+def auc_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], mask: Optional[np.ndarray] = None,
+                evaluated: Optional[Sequence[str]] = None) -> dict:
+    """Per-class ROC AUC (None where the split has one label value), their macro mean over the
+    defined ones, and the micro AUC over all (record, class) pairs of the defined classes.
+
+    `mask` (N, C), when given, leaves out the entries where it is 0 (unknown labels) from every
+    figure, positives included; `evaluated`, when given, names the classes to score: the others
+    get AUC None and stay out of the macro and micro AUC (e.g. the 7 classes ChestX-ray14 shares)."""
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
+    auc: dict[str, Optional[float]] = {}
+    for c, name in enumerate(classes):
+        column = labels[keep[:, c], c]
+        scored = evaluated is None or name in evaluated
+        auc[name] = (float(roc_auc_score(column, probs[keep[:, c], c]))
+                     if scored and 0 < column.sum() < len(column) else None)
+    defined = [c for c, name in enumerate(classes) if auc[name] is not None]
+    macro = float(np.mean([auc[classes[c]] for c in defined])) if defined else None
+    micro = (float(roc_auc_score(labels[:, defined][keep[:, defined]], probs[:, defined][keep[:, defined]]))
+             if defined else None)
+    positives = {name: int(labels[keep[:, c], c].sum()) for c, name in enumerate(classes)}
+    return {"auc": auc, "macro_auc": macro, "micro_auc": micro, "positives": positives}
+
+
+def _cell(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_auc_table(columns: Mapping[str, dict], classes: Sequence[str], positives: Optional[Mapping[str, int]] = None) -> str:
+    """The paper's Table 1 layout: a row per class, a column per run, then Average (macro) and Micro."""
+    names = list(columns)
+    first = max(len(c) for c in list(classes) + ["Average (macro)"]) + 2
+    widths = [max(8, len(n) + 2) for n in names]
+    header = "".ljust(first) + "".join(n.rjust(w) for n, w in zip(names, widths))
+    if positives is not None:
+        header += "positives".rjust(11)
+    rule = "-" * len(header)
+    lines = [header, rule]
+    for cls in classes:
+        row = cls.ljust(first) + "".join(_cell(columns[n]["auc"].get(cls)).rjust(w) for n, w in zip(names, widths))
+        if positives is not None:
+            row += str(positives.get(cls, 0)).rjust(11)
+        lines.append(row)
+    lines.append(rule)
+    lines.append("Average (macro)".ljust(first) + "".join(_cell(columns[n]["macro_auc"]).rjust(w) for n, w in zip(names, widths)))
+    lines.append("Micro".ljust(first) + "".join(_cell(columns[n]["micro_auc"]).rjust(w) for n, w in zip(names, widths)))
+    return "\n".join(lines)
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str = "",
+             mask: Optional[np.ndarray] = None, evaluated: Optional[Sequence[str]] = None) -> None:
+    """One ROC curve per class with a defined AUC, and the micro-average, to a PNG (`mask` and
+    `evaluated` as in `auc_metrics`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = auc_metrics(labels, probs, classes, mask, evaluated)
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    cmap = plt.get_cmap("tab20")
+    for c, name in enumerate(classes):
+        if metrics["auc"][name] is None:
+            continue
+        fpr, tpr, _ = roc_curve(labels[keep[:, c], c], probs[keep[:, c], c])
+        ax.plot(fpr, tpr, lw=1.2, color=cmap(c), label=f"{name} ({metrics['auc'][name]:.2f})")
+    defined = [c for c, n in enumerate(classes) if metrics["auc"][n] is not None]
+    if defined:
+        fpr, tpr, _ = roc_curve(labels[:, defined][keep[:, defined]], probs[:, defined][keep[:, defined]])
+        ax.plot(fpr, tpr, lw=2.5, color="black", label=f"micro ({metrics['micro_auc']:.2f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    macro = metrics["macro_auc"]
+    ax.set_title(f"{title} ROC, macro AUC {macro:.3f}" if macro is not None else f"{title} ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def split_metrics(probs: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray], config: Config, split: str,
+                  samples: int, extra: Optional[dict] = None) -> dict:
+    """What metrics.json holds for one split: per-class, macro and micro AUC over the known labels
+    (`mask`), the positives, and what produced them (objective, estimator, Monte Carlo counts)."""
+    metrics = auc_metrics(labels, probs, CLASSES, mask, config.data.eval_classes)
+    inf = config.inference
+    return {"classes": list(CLASSES), "auc": metrics["auc"], "macro_auc": metrics["macro_auc"],
+            "micro_auc": metrics["micro_auc"], "positives": metrics["positives"], "split": split,
+            f"n_{split}": int(len(labels)), "objective": inf.objective, "elbo": inf.elbo,
+            "mc": {"L": inf.num_particles, "M": inf.prior_samples, "S": samples},
+            "dataset": config.data.name, "eval_classes": config.data.eval_classes, "seed": config.seed,
+            **(extra or {})}
+
+
+def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, samples: int,
+           device, extra: Optional[dict] = None, predictions: Optional[tuple] = None) -> dict:
+    """Evaluate `split` from images alone; write metrics.json (metrics_<split>.json for other splits)
+    and roc.png (roc_<split>.png); print the AUC table. Returns the metrics.
+
+    `predictions` (mean probabilities, labels) computed beforehand (e.g. gathered from several
+    processes) are used as they are; only rank 0 writes.
+    """
+    if predictions is None:
+        probs, _, labels = predict_split(module, data.splits[split], samples, config.train.eval_batch_size, device)
+    else:
+        probs, labels = predictions
+    mask = split_label_mask(data.splits[split])  # unknown labels (ignore policy, unmapped classes) left out
+    result = split_metrics(probs, labels, mask, config, split, samples, extra)
+    if not distributed.context().is_main:
+        return result
+    suffix = "" if split == "test" else f"_{split}"
+    write_json(out_dir / f"metrics{suffix}.json", result)
+    plot_roc(labels, probs, CLASSES, out_dir / f"roc{suffix}.png", title=f"{config.inference.objective}, {split}",
+             mask=mask, evaluated=config.data.eval_classes)
+    say(f"\n{split} split, {len(labels)} records, images only (Algorithm 2, S={samples}):")
+    say(format_auc_table({config.inference.objective: result}, CLASSES, result["positives"]))
+    say(f"\nwrote {out_dir}/metrics{suffix}.json, roc{suffix}.png")
+    return result

@@ -1,0 +1,414 @@
+"""Training: SVI with Adam on mini-batches, KL annealing, early stopping, checkpoints, the test report.
+
+`fit(config, out_dir)` trains as the config says: a :class:`Trainer` owns the run's state (data,
+module, optimizer, loop position, paths) and runs SVI on the module's loss (minus Eq. 8), keeping
+the checkpoint with the best validation macro AUC, then evaluates the test split from images alone
+(`vkd_pyro.training.evaluate.report`).
+
+The loop survives faults and uses the hardware: the batch order is a function of (seed, epoch)
+(vkd_pyro.data.sampling), so a resumed run continues from last.pt at the exact step of the epoch
+(vkd_pyro.training.resume); SIGINT/SIGTERM write last.pt and raise `Interrupted`; a NaN or infinite
+loss term raises `TrainingDiverged` naming the step and the term (vkd_pyro.training.stops: noted
+without a per-step GPU sync); under torchrun the module is wrapped in DistributedDataParallel
+(vkd_pyro.training.distributed).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyro
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vkd_pyro import logs
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.config import Config, save_config
+from vkd_pyro.data.batching import Batch, PairedSplit, collate
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.data.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
+from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
+from vkd_pyro.inference.elbo import TERM_NAMES
+from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.inference.schedules import KLSchedule
+from vkd_pyro.training import distributed
+from vkd_pyro.training.build import build_module, check_families
+from vkd_pyro.training.checkpoint import load_checkpoint, load_resume_state, save_atomic
+from vkd_pyro.training.distributed import say
+from vkd_pyro.training.evaluate import auc_metrics, predict_split, report
+from vkd_pyro.training.finetune import init_from_run
+from vkd_pyro.training.logger import TrainingLogger
+from vkd_pyro.training.provenance import as_comment, provenance
+from vkd_pyro.training.resume import (
+    HISTORY_COLUMNS,
+    RANK_SEED_STRIDE,
+    LoopState,
+    locate,
+    restore,
+    restore_rng,
+    save_resume,
+    write_history,
+)
+from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when a GPU is visible, else cpu; `cuda` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but no GPU is visible (use device=auto or device=cpu)")
+    return torch.device(name)
+
+
+def train_loader(split: PairedSplit, config: Config, epoch: int, start: int = 0,
+                 ctx: Optional[distributed.DistContext] = None, pin_memory: bool = False) -> DataLoader:
+    """The training batches of `epoch` from global batch `start` on, this process's share of each.
+
+    The order is a function of (seed, epoch) (vkd_pyro.data.sampling): shuffled, and with reports
+    batched by similar length (less padding). The loader's own generator (it seeds worker
+    processes) is seeded the same way, so that loading draws nothing from the global RNG.
+    """
+    ctx = ctx or distributed.context()
+    batches = global_batches(split, config, epoch, ctx.world_size)
+    sampler = ResumableBatchSampler(batches, start, ctx.rank, ctx.world_size)
+    return DataLoader(split, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
+                      pin_memory=pin_memory, generator=epoch_generator(config.seed, epoch))
+
+
+def global_batches(split: PairedSplit, config: Config, epoch: int, world_size: int = 1) -> list[list[int]]:
+    """The global batches of `epoch` (split positions); with several processes, without the
+    batches smaller than the number of processes (they would leave one without examples)."""
+    batches = epoch_batches(len(split), config.train.batch_size, config.seed, epoch, split.token_lengths())
+    if world_size > 1:
+        batches, _ = drop_undersized(batches, world_size)
+    return batches
+
+
+def adam(module: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam on the module's parameters (those without a gradient are left as they are), torch's fused
+    implementation where the device has it: one kernel over all parameters, where the default on the
+    CPU loops over them one at a time (benchmarks/README.md: the step 10-25% faster on the CPU);
+    the same update rule either way."""
+    params = list(module.parameters())
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+class TrainStep:
+    """One SVI step on this process's share of a global batch; returns (terms (4,) of the global
+    batch, gradient norm), both on the device: nothing is read back to the host.
+
+    The share's mean loss is scaled by share/global size x processes, so that DDP's average of the
+    processes' gradients is the gradient of the global batch's mean loss (exact also for unequal
+    shares); the terms are summed across processes likewise. The gradient norm is taken after
+    DDP's averaging (the same on every process) and, with `grad_clip`, the gradients are scaled
+    to at most that norm.
+    """
+
+    def __init__(self, net: torch.nn.Module, module: VKDModule, optimizer: torch.optim.Optimizer,
+                 grad_clip: Optional[float] = None, ctx: Optional[distributed.DistContext] = None):
+        self.net = net
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.ctx = ctx or distributed.context()
+
+    def __call__(self, batch: Batch, beta: float, global_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, terms = self.net(batch, beta, sync_terms=False)
+        if self.ctx.enabled:
+            share = batch.size / global_size
+            loss = loss * (share * self.ctx.world_size)
+            terms = distributed.all_reduce_(terms * share)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+        self.optimizer.step()
+        return terms, norm
+
+
+class StepTerms:
+    """A step's terms for TrainingLogger.step: 0-d device tensors, read only when something logs them."""
+
+    def __init__(self, terms: torch.Tensor, beta: float):
+        self.loss, self.image_nll, self.text_nll, self.kl = terms.unbind(0)
+        self.beta = beta
+
+
+def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: bool = False) -> dict:
+    """Train as `config` says, write the run folder, and return the test metrics.
+
+    resume=True continues the run in `out_dir` from its resume state last.pt: weights, optimizer,
+    random generators, epoch, step within the epoch and the KL annealing position, so that an
+    interrupted and resumed run ends with the same history and metrics as an uninterrupted one.
+
+    Under torchrun (WORLD_SIZE > 1) each process trains on its share of every global batch through
+    DistributedDataParallel; only rank 0 writes files. SIGINT/SIGTERM write last.pt and raise
+    :class:`~vkd_pyro.errors.Interrupted`; a NaN or infinite loss term raises
+    :class:`~vkd_pyro.errors.TrainingDiverged` and leaves the checkpoints as they were.
+    """
+    check_families(config)  # before any data is read
+    ctx, device = distributed.init_from_env(resolve_device(config.device))
+    try:
+        # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
+        with pyro.validation_enabled(False), _run_log(Path(out_dir), ctx):
+            return Trainer(config, Path(out_dir), ctx, device, progress, resume).fit()
+    finally:
+        distributed.shutdown()
+
+
+@contextmanager
+def _run_log(out_dir: Path, ctx: distributed.DistContext):
+    """run.log in the run folder (rank 0), for the whole run."""
+    if not ctx.is_main:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with logs.run_log(out_dir):
+        yield
+
+
+class Trainer:
+    """One training run: its data, module, optimizer, schedule, loop position and files.
+
+    `fit()` runs the epochs (each: SVI steps, then validation, history, checkpoints, early stopping)
+    and the test report. Every sync point (`_check`) looks for a diverged loss, updates the progress
+    bar and honours an agreed SIGINT/SIGTERM by writing last.pt and raising `Interrupted`.
+    """
+
+    def __init__(self, config: Config, out_dir: Path, ctx: distributed.DistContext, device: torch.device,
+                 progress: Optional[bool] = None, resume: bool = False):
+        self.started = time.perf_counter()
+        self.config, self.out_dir, self.ctx, self.device = config, out_dir, ctx, device
+        self.state = load_resume_state(out_dir) if resume else None
+        self.paths = {"history": out_dir / "history.csv", "last": out_dir / "last.pt",
+                      "best": out_dir / "checkpoint.pt"}
+        tr = config.train
+        self.show = (tr.progress if progress is None else progress) and ctx.is_main
+        self.sync_every = 1 if device.type == "cpu" else tr.log_every
+        self.data = self._prepare_data()
+        self.module = self._build_module()
+        self.optimizer = adam(self.module, tr.lr, tr.weight_decay)
+        self.train_split = self.data.splits["train"]
+        self.T = len(global_batches(self.train_split, config, 1, ctx.world_size))
+        if self.T == 0:
+            raise UserError(f"train.batch_size: {tr.batch_size} is smaller than the {ctx.world_size} processes")
+        self.schedule = KLSchedule(config.inference.annealing, self.T)
+        if self.schedule.warning():
+            say(self.schedule.warning())
+        self.loop, self.epoch_sums = LoopState(), torch.zeros(len(TERM_NAMES), device=device)
+        if self.state is not None:
+            self.loop, self.epoch_sums = restore(self.state, self.module, self.optimizer, config, out_dir, device)
+        self.net = self._distributed_net()
+        if self.state is not None:
+            restore_rng(self.state, config, ctx, self.loop)
+        elif ctx.enabled:  # the same initial weights (DDP copies rank 0's anyway), different draws
+            pyro.set_rng_seed(config.seed + RANK_SEED_STRIDE * ctx.rank)
+        if ctx.is_main:
+            write_history(self.paths["history"], self.loop.history)
+        self.logger = TrainingLogger(out_dir, tr.tensorboard and ctx.is_main, start_step=self.loop.global_step)
+        self.watch = FiniteWatch(device, self.loop.global_step)
+        self.step = TrainStep(self.net, self.module, self.optimizer, tr.grad_clip, ctx)
+        self.saved_at = self.started if self.state is None else time.perf_counter()
+        self.stop = SignalFlag()
+        self.bar = None
+
+    def _prepare_data(self):
+        config, ctx = self.config, self.ctx
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        pyro.set_rng_seed(config.seed)
+        with distributed.main_process_first():  # rank 0 fills the caches, the others read them
+            data = prepare_data(config)
+        for note in data.notes:
+            say(note)
+        if len(data.splits["train"]) == 0 or len(data.splits["validation"]) == 0:
+            raise UserError("data: the train or validation split is empty (use more reports or change data.split)")
+        self.provenance = provenance(data)
+        if ctx.is_main:
+            save_config(config, self.out_dir / "config.yaml", as_comment(self.provenance))
+        return data
+
+    def _build_module(self) -> VKDModule:
+        config, ctx, device = self.config, self.ctx, self.device
+        pyro.set_rng_seed(config.seed)  # the same initial weights whatever data preparation drew
+        module = build_module(config, self.data.dims).to(device)
+        if config.init_from and self.state is None:  # fine-tuning: the model.* weights of another run that match
+            say(init_from_run(module, config.init_from)["message"])
+        if config.train.sync_batchnorm and ctx.enabled:
+            if device.type != "cuda":
+                raise UserError("train.sync_batchnorm: synchronised batch norm needs GPUs (device=cuda)")
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        inf = config.inference
+        say(f"objective {inf.objective} ({inf.elbo} ELBO), L={inf.num_particles} guide particles, "
+            f"M={inf.prior_samples} prior samples, S={inf.test_samples} test samples; "
+            f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable parameters on {device}"
+            + (f" x {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""))
+        return module
+
+    def _distributed_net(self) -> torch.nn.Module:
+        if not self.ctx.enabled:
+            return self.module
+        device = self.device
+        # `no_mi` at beta = 0 leaves the guide out of the loss: DDP must look for unused parameters.
+        return DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=self.config.inference.objective == "no_mi")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        with self.stop:
+            while not self.loop.finished and self.loop.epoch <= self.config.train.max_epochs:
+                epoch_start = time.perf_counter()
+                self._train_epoch()
+                self._end_epoch(time.perf_counter() - epoch_start)
+        return self._test()
+
+    def _train_epoch(self) -> None:
+        loop, tr, T = self.loop, self.config.train, self.T
+        batches = global_batches(self.train_split, self.config, loop.epoch, self.ctx.world_size)
+        loader = train_loader(self.train_split, self.config, loop.epoch, loop.step_in_epoch, self.ctx,
+                              pin_memory=self.device.type == "cuda")
+        self.net.train()
+        self.bar = tqdm(total=T, initial=loop.step_in_epoch, desc=f"epoch {loop.epoch}", leave=False,
+                        disable=not self.show, file=sys.stderr)
+        for batch, global_batch in zip(loader, batches[loop.step_in_epoch:]):
+            loop.step_in_epoch += 1
+            loop.global_step += 1
+            beta = self.schedule(loop.step_in_epoch, loop.epoch)
+            terms, grad_norm = self.step(batch.to(self.device), beta, len(global_batch))
+            self.epoch_sums += terms
+            loop.beta_sum += beta
+            self.watch.observe(terms, grad_norm)
+            self.logger.step(StepTerms(terms, beta))
+            self.bar.update(1)
+            if tr.stop_after_steps == loop.global_step:
+                self.stop.request(signal.SIGTERM)
+            checkpoint_now = bool(tr.checkpoint_every) and loop.global_step % tr.checkpoint_every == 0
+            if (loop.global_step % self.sync_every == 0 or loop.step_in_epoch == T or checkpoint_now
+                    or loop.global_step == tr.stop_after_steps):
+                self._check(terms)
+                if checkpoint_now:
+                    self._save_last()
+        self.bar.close()
+        self._check(None)  # a resumed epoch whose steps were all done before has had none
+
+    def _end_epoch(self, seconds_training: float) -> None:
+        """Validation, history, the best checkpoint, early stopping (the paper's relative tolerance), last.pt."""
+        loop, tr, config = self.loop, self.config.train, self.config
+        started = time.perf_counter()
+        means = dict(zip(TERM_NAMES, (self.epoch_sums / max(loop.step_in_epoch, 1)).tolist()))
+        means["beta"] = loop.beta_sum / max(loop.step_in_epoch, 1)
+        val_split = self.data.splits["validation"]
+        val_auc = _macro_auc(*self._predictions(val_split), val_split, config)
+        seconds = seconds_training + time.perf_counter() - started
+        loop.history.append([str(loop.epoch)] + [f"{means[k]:.6g}" for k in HISTORY_COLUMNS[1:6]]
+                            + [f"{val_auc:.6g}", f"{seconds:.2f}"])
+        if self.ctx.is_main:
+            write_history(self.paths["history"], loop.history)
+        self.logger.epoch(loop.epoch, {**means, "val_macro_auc": val_auc, "seconds": seconds})
+        mark = ""
+        if val_auc > loop.best_auc or loop.best_epoch == 0:
+            loop.best_auc, loop.best_epoch, mark = val_auc, loop.epoch, " *"
+            if self.ctx.is_main:
+                save_atomic({"module": self.module.state_dict(), "epoch": loop.epoch, "val_macro_auc": val_auc,
+                             "text_dims": self.data.dims, "config": config.to_dict()}, self.paths["best"])
+        if val_auc > loop.reference_auc * (1 + tr.tolerance):  # AUCs are >= 0; starts at -inf
+            loop.reference_auc, loop.wait = val_auc, 0
+        else:
+            loop.wait += 1
+        say(f"epoch {loop.epoch:3d}  loss {means['loss']:.4f}  image NLL {means['image_nll']:.4f}  "
+            f"text NLL {means['text_nll']:.4f}  KL {means['kl']:.3f}  beta {means['beta']:.2f}  "
+            f"val macro AUC {val_auc:.4f}  {seconds:.1f}s{mark}")
+        if loop.wait >= tr.patience:
+            say(f"early stop: no validation gain above {tr.tolerance:.0%} for {loop.wait} epochs; "
+                f"best epoch {loop.best_epoch}")
+            loop.finished = loop.stopped_early = True
+        loop.epoch, loop.step_in_epoch, loop.beta_sum = loop.epoch + 1, 0, 0.0
+        self.epoch_sums.zero_()
+        loop.finished = loop.finished or loop.epoch > tr.max_epochs
+        self._save_last()
+        self._check(None)  # a signal during validation: last.pt is written, stop here
+
+    def _test(self) -> dict:
+        distributed.barrier()  # checkpoint.pt is written
+        self.module.load_state_dict(load_checkpoint(self.paths["best"])["module"])
+        probs, labels = self._predictions(self.data.splits["test"])
+        extra = {"best_epoch": self.loop.best_epoch, "val_macro_auc": self.loop.best_auc,
+                 "train_seconds": self.loop.seconds + (time.perf_counter() - self.saved_at),
+                 "skipped": self.data.dataset.skipped, **self.logger.close(), "provenance": self.provenance}
+        inf = self.config.inference
+        result = report(self.module, self.data, self.config, self.out_dir, "test", inf.test_samples, self.device,
+                        extra, predictions=(probs, labels))
+        distributed.barrier()  # no process leaves while rank 0 writes
+        return result
+
+    # ------------------------------------------------------------------ sync points and state
+
+    def _save_last(self) -> None:
+        now = time.perf_counter()
+        self.loop.seconds += now - self.saved_at
+        self.saved_at = now
+        save_resume(self.paths["last"], self.module, self.optimizer, self.loop, self.epoch_sums, self.T, self.config,
+                    self.data.dims, self.ctx)
+
+    def _check(self, terms: Optional[torch.Tensor]) -> None:
+        """A sync point: divergence (on every process alike), progress, an agreed stop."""
+        loop, paths = self.loop, self.paths
+        bad = self.watch.read()
+        if bad is not None:
+            bad_step, names = bad
+            epoch, in_epoch = locate(bad_step, loop, self.T)
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}, step {in_epoch} (step {bad_step} in all): "
+                f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not finite; "
+                + (f"{paths['last']} keeps the last good state ({loop.saved})" if loop.saved
+                   else "no resume state was written yet")
+                + (f" and {paths['best']} the best weights" if loop.best_epoch else "")
+                + " (lower train.lr or set train.grad_clip)")
+        if terms is not None and self.show:
+            values = terms.tolist()
+            self.bar.set_postfix(loss=f"{values[0]:.3f}", img=f"{values[1]:.3f}", txt=f"{values[2]:.3f}",
+                                 kl=f"{values[3]:.2f}")
+        signum = agreed_signal(self.stop, self.device, self.ctx)
+        if signum is not None:
+            if self.bar is not None:
+                self.bar.close()
+            self._save_last()
+            distributed.barrier()
+            name = signal.Signals(signum).name
+            say(f"{name}: stopped at epoch {loop.epoch}, step {loop.step_in_epoch} of {self.T}; "
+                f"resume state written to {paths['last']}")
+            raise Interrupted(f"interrupted by {name} at epoch {loop.epoch}, step {loop.step_in_epoch} of {self.T}; "
+                              f"resume with: vkd-pyro train --resume {self.out_dir}", signum)
+
+    def _predictions(self, split) -> tuple[np.ndarray, np.ndarray]:
+        """(mean probabilities, labels) of a whole split from images alone; with several processes,
+        each predicts a shard (with rank 0's batch-norm statistics) and all receive the whole."""
+        distributed.broadcast_buffers(self.module)
+        config = self.config
+
+        def predict(part):
+            return predict_split(self.module, part, config.inference.test_samples, config.train.eval_batch_size,
+                                 self.device, num_workers=config.data.num_workers)
+
+        probs, _, labels = distributed.gather_predictions(predict, split, len(CLASSES))
+        return probs, labels
+
+
+def _macro_auc(probs: np.ndarray, labels: np.ndarray, split, config: Config) -> float:
+    """The macro AUC over the classes the split's labels define (nan when none)."""
+    value = auc_metrics(labels, probs, CLASSES, split_label_mask(split), config.data.eval_classes)["macro_auc"]
+    return float("nan") if value is None else value
