@@ -1,6 +1,7 @@
 """Decoding X-ray files once into the on-disk image cache: what a decoded image is, and when the cache
 is reused or rebuilt."""
 
+import json
 import os
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_a_corrupt_cache_entry_is_rebuilt_with_a_warning(files, tmp_path, damage
     elif damage == "json of another format":
         meta.write_text('{"format": "xray-images-0", "bad": []}')
     elif damage == "malformed bad list":
-        meta.write_text('{"format": "%s", "bad": [[99, "x", "y"]]}' % image_cache.CACHE_FORMAT)
+        meta.write_text(json.dumps({"format": image_cache.CACHE_FORMAT, "bad": [[99, "x", "y"]]}))
     else:
         meta.unlink()
     with pytest.warns(image_cache.CorruptCacheWarning, match=f"{target}: corrupt image cache entry"):

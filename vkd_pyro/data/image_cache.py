@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from vkd_pyro.data.decode import BadImage, decode_image  # noqa: F401 (BadImage: re-exported)
+from vkd_pyro.data.decode import BadImage, decode_image  # BadImage: re-exported for the datasets
 
 #: Changes whenever decoding or resizing does: it keys the cache.
 #: 2: one decoder with predict; >8-bit images scaled by their significant bit depth; DICOM.
