@@ -1,6 +1,7 @@
 """Decoding X-ray files once into the on-disk image cache: what a decoded image is, and when the cache
 is reused or rebuilt."""
 
+import json
 import os
 
 import numpy as np
@@ -25,12 +26,14 @@ def test_decode_is_grey_resized_like_predict(tmp_path):
     assert np.abs(decode_image(tmp_path / "c.png", 16).astype(int) - expected).max() <= 1
 
 
-def test_sixteen_bit_images_are_scaled_by_their_range(tmp_path):
+def test_sixteen_bit_images_are_scaled_by_their_bit_depth(tmp_path):
     values = (100 + _gradient(32, 32) * 3000).astype(np.uint16)  # 12-bit data in a 16-bit PNG
     Image.fromarray(values).save(tmp_path / "x.png")
     out = decode_image(tmp_path / "x.png", 32)
-    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
-    assert np.abs(out.astype(float) - _gradient(32, 32) * 255).max() <= 1.0
+    assert out.dtype == np.uint8 and out.min() == round(100 * 255 / 4095) and out.max() == round(3100 * 255 / 4095)
+    assert np.abs(out.astype(float) - values * (255 / 4095)).max() <= 1.0
+    Image.fromarray((values * 16).astype(np.uint16)).save(tmp_path / "full.png")  # the same data using 16 bits
+    assert np.abs(decode_image(tmp_path / "full.png", 32).astype(int) - out).max() <= 1
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
@@ -110,3 +113,33 @@ def test_an_error_leaves_no_cache_behind(files, tmp_path):
     with pytest.raises(RuntimeError, match="bad 2"):
         load_or_decode(files, 16, tmp_path / "c", "t", refuse)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "garbage array", "wrong dtype", "garbage json",
+                                    "json of another format", "malformed bad list", "json missing"])
+def test_a_corrupt_cache_entry_is_rebuilt_with_a_warning(files, tmp_path, damage):
+    first = np.array(load_or_decode(files, 16, tmp_path / "c", "t", lambda *a: None))
+    target = cache_path(tmp_path / "c", "t", files, 16)
+    meta = target.with_suffix(".json")
+    if damage == "truncated array":
+        target.write_bytes(target.read_bytes()[:500])
+    elif damage == "garbage array":
+        target.write_bytes(b"not an npy file at all")
+    elif damage == "wrong dtype":
+        np.save(target, first.astype(np.float64))
+    elif damage == "garbage json":
+        meta.write_text("{not json")
+    elif damage == "json of another format":
+        meta.write_text('{"format": "xray-images-0", "bad": []}')
+    elif damage == "malformed bad list":
+        meta.write_text(json.dumps({"format": image_cache.CACHE_FORMAT, "bad": [[99, "x", "y"]]}))
+    else:
+        meta.unlink()
+    with pytest.warns(image_cache.CorruptCacheWarning, match=f"{target}: corrupt image cache entry"):
+        again = load_or_decode(files, 16, tmp_path / "c", "t", lambda *a: pytest.fail("no bad files"))
+    assert np.array_equal(again, first) and again.dtype == np.uint8
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt: the next load is a clean cache hit
+        assert np.array_equal(load_or_decode(files, 16, tmp_path / "c", "t", lambda *a: None), first)

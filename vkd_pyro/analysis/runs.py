@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.config import Config, load_config
+from vkd_pyro.data.decode import MISSING, BadImage, decode_image, to_unit_float
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.splits import split_label_mask
 from vkd_pyro.errors import UserError
@@ -165,17 +166,17 @@ def expand_image_paths(items: Sequence) -> list[str]:
 
 
 def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
-    """Grayscale images resized to (size, size), as a batch (B, 1, size, size) in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The image files at `paths` as a batch (B, 1, size, size) float32 in [0, 1], decoded exactly as
+    training decodes them (`vkd_pyro.data.decode.decode_image`, then `to_unit_float`). A file that
+    cannot be used is a one-line UserError naming it and the reason."""
     batch = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                grey = image.convert("L").resize((size, size), Image.BILINEAR)
-        except FileNotFoundError:
-            raise UserError(f"{path}: image not found") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"{path}: not a readable image ({type(exc).__name__})") from None
-        batch.append(torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0))
+            grey = decode_image(path, size)
+        except BadImage as exc:
+            if exc.reason == MISSING:
+                raise UserError(f"{path}: image not found") from None
+            detail = " ".join(exc.detail.split())[:200]
+            raise UserError(f"{path}: {exc.reason}{f' ({detail})' if detail else ''}") from None
+        batch.append(torch.from_numpy(to_unit_float(grey)))
     return torch.stack(batch).unsqueeze(1)

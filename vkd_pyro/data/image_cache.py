@@ -8,9 +8,12 @@ back with `np.load(mmap_mode="r")`: DataLoader workers share its pages and an it
 size * size bytes. The key is the sha256 of the cache format, the size and, for each file, its path,
 byte size and modification time: a changed, added or removed file gives a new cache.
 
-Decoding also validates: a file that is missing, corrupt or truncated is found here, before
+Decoding (`vkd_pyro.data.decode.decode_image`, the one decoder that `vkd-pyro predict` uses too)
+also validates: a file that is missing, corrupt, truncated or too large is found here, before
 training, never mid-epoch. Its index and reason are stored beside the array
 (`<same name>.json`), so that a cached dataset reports the same bad files without decoding again.
+A cache entry that cannot be used (an unreadable or truncated .npy, a wrong shape or dtype, a
+missing or malformed .json) is decoded again and replaced, with a `CorruptCacheWarning` naming it.
 """
 
 from __future__ import annotations
@@ -20,60 +23,46 @@ import json
 import os
 import time
 import uuid
+import warnings
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from vkd_pyro.data.decode import BadImage, decode_image  # BadImage: re-exported for the datasets
+
 #: Changes whenever decoding or resizing does: it keys the cache.
-CACHE_FORMAT = "xray-images-1"
+#: 2: one decoder with predict; >8-bit images scaled by their significant bit depth; DICOM.
+CACHE_FORMAT = "xray-images-2"
 
 
-class BadImage(Exception):
-    """A file that cannot be used as an image; `reason` is the skip reason it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
-        self.reason = reason
-        self.detail = detail
+class CorruptCacheWarning(UserWarning):
+    """An image cache entry could not be used and is being rebuilt."""
 
 
-def _to_grey8(image) -> "object":
-    """A Pillow image as mode L: 8-bit images as they are (colour by Pillow's luma), 16-bit and
-    float images linearly rescaled from their own minimum..maximum to 0..255."""
-    from PIL import Image
-
-    if image.mode in ("L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "1"):
-        return image.convert("L")
-    values = np.asarray(image, dtype=np.float32)
-    lo, hi = float(values.min()), float(values.max())
-    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def decode_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """The image file at `path` as a (size, size) uint8 grey array.
-
-    Decoded with Pillow (fully: a truncated file fails here), turned into one grey channel (see
-    `_to_grey8`) and resized to size x size with bilinear (antialiased) filtering, without keeping
-    the aspect ratio, as `vkd-pyro predict` reads images. JPEGs are decoded at the smallest DCT
-    scale that still gives at least 2 * size pixels a side, which is several times faster on
-    full-size radiographs. Raises BadImage("image file missing") or BadImage("unreadable image").
-    """
-    from PIL import Image
-
+def _read_cache(target: Path, count: int, size: int):
+    """(images memmap, bad list) of a usable cache entry, or (None, why) when it cannot be used."""
+    meta_path = target.with_suffix(".json")
     try:
-        with Image.open(path) as image:
-            if image.format == "JPEG":
-                image.draft("L", (2 * size, 2 * size))
-            image.load()
-            grey = _to_grey8(image).resize((size, size), Image.BILINEAR)
-            return np.asarray(grey, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise BadImage("image file missing", str(path)) from None
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
-        raise BadImage("unreadable image (corrupt or truncated)", f"{type(exc).__name__}: {exc}") from None
+        images = np.load(target, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return None, f"unreadable array: {type(exc).__name__}: {exc}"
+    if images.dtype != np.uint8 or images.shape != (count, size, size):
+        return None, f"array of {images.dtype} {tuple(images.shape)}, expected uint8 {(count, size, size)}"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable {meta_path.name}: {type(exc).__name__}"
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        return None, f"{meta_path.name} is not a {CACHE_FORMAT} record"
+    bad = meta.get("bad")
+    valid = isinstance(bad, list) and all(
+        isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and 0 <= entry[0] < count
+        and isinstance(entry[1], str) and isinstance(entry[2], str) for entry in bad)
+    if not valid:
+        return None, f"{meta_path.name} has a malformed list of bad files"
+    return images, [tuple(entry) for entry in bad]
 
 
 def _decode_job(job: tuple) -> tuple[int, Optional[np.ndarray], Optional[tuple[str, str]]]:
@@ -119,17 +108,14 @@ def load_or_decode(paths: Sequence[str], size: int, cache_dir: Optional[os.PathL
     paths = [str(p) for p in paths]
     size = int(size)
     target = cache_path(cache_dir, dataset, paths, size) if cache_dir is not None else None
-    if target is not None and target.is_file() and target.with_suffix(".json").is_file():
-        try:
-            images = np.load(target, mmap_mode="r")
-            meta = json.loads(target.with_suffix(".json").read_text())
-            ok = images.shape == (len(paths), size, size) and meta.get("format") == CACHE_FORMAT
-        except (OSError, ValueError):
-            ok = False
-        if ok:
-            for index, reason, detail in meta.get("bad", []):
+    if target is not None and (target.exists() or target.with_suffix(".json").exists()):
+        images, found = _read_cache(target, len(paths), size)
+        if images is not None:
+            for index, reason, detail in found:
                 on_bad(int(index), reason, detail)
             return images
+        warnings.warn(f"{target}: corrupt image cache entry ({found}); decoding the {len(paths)} "
+                      "images again to rebuild it", CorruptCacheWarning, stacklevel=2)
 
     started = time.perf_counter()
     bad: list[tuple[int, str, str]] = []

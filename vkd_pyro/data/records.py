@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vkd_pyro.classes import CLASSES, NUM_CLASSES
+from vkd_pyro.data.decode import to_unit_float
 from vkd_pyro.data.image_cache import load_or_decode
 from vkd_pyro.errors import DataError
 
@@ -188,7 +189,7 @@ class XRayDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         # numpy, single-threaded: torch's intra-op threads cost more than they save on one image
-        img = torch.from_numpy(np.true_divide(self.images[idx], np.float32(255.0), dtype=np.float32)[None])
+        img = torch.from_numpy(to_unit_float(self.images[idx])[None])
         item = {"idx": idx, "img": img, "lab": torch.from_numpy(self.labels[idx])}
         if self.label_mask is not None:
             item["lab_mask"] = torch.from_numpy(self.label_mask[idx])
