@@ -55,6 +55,10 @@ class DataConfig:
                         "must be three positive fractions (train, validation, test) summing to 1"),
     )
     split_seed: int = 0  # the split is by report and does not change with the training seed
+    # Keep this fraction of the training split's groups (reports, patients), with their images,
+    # reports and labels; a stable, nested subset chosen by split_seed (vkd_pyro.data.splits.reduce_train).
+    # Validation and test are untouched.
+    train_fraction: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
     max_reports: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 10, "must be >= 10"))
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
     # Real datasets (openi, mimic_cxr, chestxray14), see vkd_pyro/data/<name>.py:

@@ -1,4 +1,5 @@
-"""Evaluation from images alone (Algorithm 2): Monte Carlo predictive, per-class ROC AUC, the table.
+"""Evaluation from images alone (Algorithm 2): Monte Carlo predictive, per-class ROC AUC, the table,
+and (re-exported from `vkd_pyro.predictions`) a split's predictions written to predictions_<split>.npz.
 
 The predictive probability of class c is the mean over S prior samples z_I^(s) ~ p(z_I|x_I) of
 p(y_c = 1 | x_I, z_I^(s)); its spread is their standard deviation. AUCs are scikit-learn's.
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader
 
 from vkd_pyro.batching import collate
 from vkd_pyro.module import VKDModule
+# re-exported: a split's predictions on disk (numpy only, so `vkd-pyro compare` needs no torch)
+from vkd_pyro.predictions import Predictions, read_predictions, write_predictions  # noqa: F401
 
 
 @torch.no_grad()
@@ -113,3 +116,4 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
