@@ -2,9 +2,11 @@
 
 Records are the 3,955 reports of OpenI's `NLMCXR_reports.tgz` (the copy torchxrayvision ships, or
 `data.root`); those with neither FINDINGS nor IMPRESSION are left out and counted. Labels are the
-14 CheXpert classes derived from each report's MeSH major terms (`vkd_pyro.data.labels`); the image
-is rendered from the same terms (`vkd_pyro.data.phantom`) and cached on disk, keyed by the renderer
-version, size, signal and the reports' terms. Items follow torchxrayvision's dataset convention:
+14 CheXpert classes derived from each report's MeSH major terms and, for uncertain mentions
+(`borderline` terms, hedged sentences), its FINDINGS + IMPRESSION text under `label_policy`
+(zeros | ones | ignore: `vkd_pyro.data.labels.report_labels`; `ignore` gives a `label_mask`, 0 where
+a label is uncertain); the image is rendered from the same terms (`vkd_pyro.data.phantom`) and
+cached on disk, keyed by the renderer version, size, signal, difficulty and the reports' terms. Items follow torchxrayvision's dataset convention:
 a dict with "idx", "img" (1, H, W) float in [0, 1], "lab" (14,) and the report "text".
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.data.labels import findings_of, label_vector
+from vkd_pyro.data.labels import findings_of, report_labels
 from vkd_pyro.data.openi_reports import Report, read_reports
 from vkd_pyro.data.phantom import RENDERER_VERSION, render_phantom
 
@@ -51,7 +53,7 @@ class OpenIPhantomDataset(Dataset):
 
     def __init__(self, root: Optional[str] = None, image_size: int = 64, signal: float = 1.0,
                  include_indication: bool = False, max_reports: Optional[int] = None,
-                 cache_dir: Optional[os.PathLike] = None, render_workers: int = 2):
+                 cache_dir: Optional[os.PathLike] = None, render_workers: int = 2, label_policy: str = "zeros"):
         reports = read_reports(root)
         kept = [r for r in reports if r.has_text]
         self.skipped = {"no FINDINGS or IMPRESSION text": len(reports) - len(kept)}
@@ -60,7 +62,12 @@ class OpenIPhantomDataset(Dataset):
         self.reports = kept
         self.texts = [r.text(include_indication) for r in kept]
         self.groups = [r.uid for r in kept]
-        self.labels = np.stack([label_vector(r.major) for r in kept]).astype(np.float32)
+        labelled = [report_labels(r.major, r.text(), label_policy) for r in kept]
+        self.labels = np.stack([lab for lab, _ in labelled]).astype(np.float32)
+        self.label_policy = label_policy
+        # a mask only where labels can be unknown (as mimic_cxr): none under zeros / ones
+        self.label_mask = (np.stack([known for _, known in labelled]).astype(np.float32)
+                           if label_policy == "ignore" else None)
         self.csv = pd.DataFrame({"uid": self.groups, "text": self.texts,
                                  "mesh_major": ["; ".join(map(str, r.major)) for r in kept]})
         self.image_size, self.signal = image_size, signal
@@ -88,4 +95,7 @@ class OpenIPhantomDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         img = torch.from_numpy(self.images[idx]).float().div_(255.0).unsqueeze(0)
-        return {"idx": idx, "img": img, "lab": torch.from_numpy(self.labels[idx])}
+        item = {"idx": idx, "img": img, "lab": torch.from_numpy(self.labels[idx])}
+        if self.label_mask is not None:
+            item["lab_mask"] = torch.from_numpy(self.label_mask[idx])
+        return item
