@@ -48,6 +48,9 @@ class DataConfig:
     reports: Optional[str] = None
     image_size: int = field(default=64, metadata=_check(lambda v: v >= 16, "must be >= 16"))
     signal: float = field(default=1.0, metadata=_NON_NEGATIVE)  # how visible rendered findings are
+    # openi_phantom: 0 = nominal films; up to 1 adds per-finding conspicuity spread, anatomical noise,
+    # blur and quantum noise (vkd_pyro.data.phantom, docs/phantom_difficulty.md).
+    difficulty: float = field(default=0.0, metadata=_PROBABILITY)
     include_indication: bool = False  # prepend the INDICATION section to FINDINGS + IMPRESSION
     split: list[float] = field(
         default_factory=lambda: [0.7, 0.1, 0.2],

@@ -31,13 +31,14 @@ from vkd_pyro.data.phantom import RENDERER_VERSION, render_phantom
 
 
 def _render_one(job: tuple) -> np.ndarray:
-    uid, findings, size, signal = job
-    return render_phantom(uid, findings, size=size, signal=signal)
+    uid, findings, size, signal, difficulty = job
+    return render_phantom(uid, findings, size=size, signal=signal, difficulty=difficulty)
 
 
-def render_reports(reports: list[Report], size: int, signal: float, workers: int = 1) -> np.ndarray:
+def render_reports(reports: list[Report], size: int, signal: float, workers: int = 1,
+                   difficulty: float = 0.0) -> np.ndarray:
     """Phantom radiographs (N, size, size) uint8 for `reports`, rendered from their MeSH terms."""
-    jobs = [(r.uid, findings_of(r.major), size, signal) for r in reports]
+    jobs = [(r.uid, findings_of(r.major), size, signal, difficulty) for r in reports]
     if workers > 1 and len(jobs) >= 256:
         with get_context("fork").Pool(workers) as pool:
             images = pool.map(_render_one, jobs, chunksize=64)
@@ -53,7 +54,8 @@ class OpenIPhantomDataset(Dataset):
 
     def __init__(self, root: Optional[str] = None, image_size: int = 64, signal: float = 1.0,
                  include_indication: bool = False, max_reports: Optional[int] = None,
-                 cache_dir: Optional[os.PathLike] = None, render_workers: int = 2, label_policy: str = "zeros"):
+                 cache_dir: Optional[os.PathLike] = None, render_workers: int = 2, label_policy: str = "zeros",
+                 difficulty: float = 0.0):
         reports = read_reports(root)
         kept = [r for r in reports if r.has_text]
         self.skipped = {"no FINDINGS or IMPRESSION text": len(reports) - len(kept)}
@@ -70,18 +72,21 @@ class OpenIPhantomDataset(Dataset):
                            if label_policy == "ignore" else None)
         self.csv = pd.DataFrame({"uid": self.groups, "text": self.texts,
                                  "mesh_major": ["; ".join(map(str, r.major)) for r in kept]})
-        self.image_size, self.signal = image_size, signal
+        self.image_size, self.signal, self.difficulty = image_size, signal, difficulty
         self.images = self._cached_images(cache_dir, render_workers)
 
     def _cached_images(self, cache_dir, workers) -> np.ndarray:
+        # difficulty 0 renders what versions without it rendered: it keys the cache only when set
+        hard = (("difficulty", float(self.difficulty)),) if self.difficulty else ()
         key = hashlib.sha256(repr((RENDERER_VERSION, self.image_size, self.signal,
-                                   [(r.uid, tuple(map(str, r.major))) for r in self.reports])).encode()).hexdigest()[:24]
+                                   [(r.uid, tuple(map(str, r.major))) for r in self.reports]) + hard
+                                  ).encode()).hexdigest()[:24]
         path = Path(cache_dir) / "phantom" / f"{key}.npy" if cache_dir is not None else None
         if path is not None and path.is_file():
             images = np.load(path)
             if images.shape == (len(self.reports), self.image_size, self.image_size):
                 return images
-        images = render_reports(self.reports, self.image_size, self.signal, workers)
+        images = render_reports(self.reports, self.image_size, self.signal, workers, self.difficulty)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
