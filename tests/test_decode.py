@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vkd_pyro.analysis.runs import load_images
 from vkd_pyro.classes import NUM_CLASSES
 from vkd_pyro.data import decode
 from vkd_pyro.data.decode import BadImage, decode_image
 from vkd_pyro.data.records import BadRecords, XRayDataset
 from vkd_pyro.errors import UserError
-from vkd_pyro.analysis.runs import load_images
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-radiographs" / "nih_00027426_000.png"
 SIZE = 64

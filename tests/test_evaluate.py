@@ -26,3 +26,37 @@ def test_table_has_a_row_per_class_and_averages():
     assert "vkd" in lines[0] and "positives" in lines[0]
     assert lines[2].split() == ["a", "0.750", "2"] and lines[3].split() == ["b", "-", "0"]
     assert lines[-2].split()[-1] == "0.750" and lines[-1].split() == ["Micro", "0.700"]
+
+
+def test_predictions_round_trip_atomically(tmp_path):
+    from vkd_pyro.training.predictions import read_predictions, write_predictions
+
+    rng = np.random.default_rng(0)
+    probs, labels = rng.random((5, 3)), (rng.random((5, 3)) < 0.5).astype(float)
+    mask = np.ones((5, 3))
+    mask[0, 1] = 0
+    path = write_predictions(tmp_path, "test", probs, labels, ["a", "b", "c"], mask=mask,
+                             record_ids=[f"CXR{i}" for i in range(5)], meta={"seed": 2, "objective": "vkd"})
+    assert path == tmp_path / "predictions_test.npz"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions_test.npz"]  # no temporary file left
+    got = read_predictions(tmp_path)
+    assert np.allclose(got.probs, probs.astype(np.float32)) and np.array_equal(got.labels, labels)
+    assert got.mask.dtype == bool and not got.mask[0, 1] and got.mask.sum() == 14
+    assert got.classes == ["a", "b", "c"] and list(got.record_ids) == [f"CXR{i}" for i in range(5)]
+    assert got.meta == {"split": "test", "seed": 2, "objective": "vkd"}
+    write_predictions(tmp_path, "validation", probs, labels, ["a", "b", "c"])
+    val = read_predictions(tmp_path / "predictions_validation.npz")
+    assert val.record_ids is None and val.mask.all()
+
+
+def test_predictions_bad_input(tmp_path):
+    from vkd_pyro.errors import UserError
+    from vkd_pyro.training.predictions import read_predictions, write_predictions
+
+    with pytest.raises(UserError, match="no predictions file"):
+        read_predictions(tmp_path)
+    (tmp_path / "predictions_test.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot be read as a predictions file"):
+        read_predictions(tmp_path)
+    with pytest.raises(ValueError, match="must both be"):
+        write_predictions(tmp_path, "test", np.zeros((2, 3)), np.zeros((2, 2)), ["a", "b", "c"])

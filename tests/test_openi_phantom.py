@@ -50,3 +50,19 @@ def test_signal_changes_the_images_of_reports_with_findings(tmp_path):
     none = op.OpenIPhantomDataset(image_size=32, max_reports=20, signal=0.0, cache_dir=tmp_path)
     abnormal = [i for i, r in enumerate(strong.reports) if strong.labels[i, 1:].sum() > 0]
     assert abnormal and any(not np.array_equal(strong.images[i], none.images[i]) for i in abnormal)
+
+
+def test_label_policy_ignore_masks_the_uncertain_labels(tmp_path):
+    from vkd_pyro.data.labels import report_labels
+
+    zeros = op.OpenIPhantomDataset(image_size=16, max_reports=200, cache_dir=tmp_path)
+    ignore = op.OpenIPhantomDataset(image_size=16, max_reports=200, cache_dir=tmp_path, label_policy="ignore")
+    ones = op.OpenIPhantomDataset(image_size=16, max_reports=200, cache_dir=tmp_path, label_policy="ones")
+    assert zeros.label_mask is None and ones.label_mask is None and "lab_mask" not in zeros[0]
+    assert np.array_equal(ignore.labels, zeros.labels) and np.array_equal(ignore.images, zeros.images)
+    unknown = ignore.label_mask == 0
+    assert unknown.any() and np.array_equal(unknown, ones.labels != zeros.labels)
+    i = int(np.flatnonzero(unknown.any(axis=1))[0])
+    assert np.array_equal(ignore[i]["lab_mask"].numpy(), ignore.label_mask[i])
+    r = ignore.reports[i]
+    assert np.array_equal(ignore.label_mask[i], report_labels(r.major, r.text(), "ignore")[1])

@@ -238,3 +238,43 @@ def test_contact_sheet_writes_a_png(tmp_path):
     path = tmp_path / "sheet.png"
     contact_sheet(images, titles, path, columns=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+# -- difficulty ---------------------------------------------------------------------------------
+
+def _contrast(cls, term, d, keys):
+    """Mean absolute pixel change a finding makes, over patients, at difficulty d."""
+    return np.mean([np.abs(render_phantom(k, [(cls, MeshTerm.parse(term))], 64, difficulty=d).astype(float)
+                           - render_phantom(k, [], 64, difficulty=d).astype(float)).mean() for k in keys])
+
+
+def test_difficulty_zero_is_the_default_and_difficulty_is_deterministic():
+    findings = [("Lung Opacity", MeshTerm.parse("Opacity/lung/base/left"))]
+    assert np.array_equal(render_phantom("CXR5", findings, 64), render_phantom("CXR5", findings, 64, difficulty=0.0))
+    hard = render_phantom("CXR5", findings, 64, difficulty=0.7)
+    assert np.array_equal(hard, render_phantom("CXR5", findings, 64, difficulty=0.7))
+    assert not np.array_equal(hard, render_phantom("CXR5", findings, 64))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="difficulty"):
+            render_phantom("CXR5", findings, 64, difficulty=bad)
+
+
+def test_difficulty_adds_noise_and_blur_and_fades_findings():
+    keys = [f"CXR{i}" for i in range(12)]
+    # pixel-to-pixel differences of normal films: blur lowers them, quantum noise and anatomical
+    # noise raise them; the net effect at difficulty 1 is an increase
+    easy = np.stack([render_phantom(k, [], 96).astype(float) for k in keys])
+    hard = np.stack([render_phantom(k, [], 96, difficulty=1.0).astype(float) for k in keys])
+    assert np.std(np.diff(hard, axis=2)) > 1.1 * np.std(np.diff(easy, axis=2))  # measured 20.7 vs 17.8
+    # the finding's effect on the pixels shrinks on average (conspicuity spread)
+    assert _contrast("Pleural Effusion", "Pleural Effusion/left/large", 1.0, keys) < \
+        0.95 * _contrast("Pleural Effusion", "Pleural Effusion/left/large", 0.0, keys)
+
+
+def test_difficulty_keeps_findings_detectable():
+    """At difficulty 1 a finding still changes the film: on average at least a quarter as much as
+    at difficulty 0 (its contrast factor is Uniform(0.2, 1), blur spreads but keeps its mass)."""
+    keys = [f"CXR{i}" for i in range(8)]
+    for cls, term in (("Cardiomegaly", "Cardiomegaly/moderate"), ("Pleural Effusion", "Pleural Effusion/left/large"),
+                      ("Lung Lesion", "Nodule/lung/upper lobe/right")):
+        assert _contrast(cls, term, 1.0, keys) > 0.25 * _contrast(cls, term, 0.0, keys) > 0

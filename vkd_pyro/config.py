@@ -56,6 +56,9 @@ class DataConfig:
     reports: Optional[str] = None
     image_size: int = field(default=64, metadata=_check(lambda v: v >= 16, "must be >= 16"))
     signal: float = field(default=1.0, metadata=_NON_NEGATIVE)  # how visible rendered findings are
+    # openi_phantom: 0 = nominal films; up to 1 adds per-finding conspicuity spread, anatomical noise,
+    # blur and quantum noise (vkd_pyro.data.phantom, docs/phantom_difficulty.md).
+    difficulty: float = field(default=0.0, metadata=_PROBABILITY)
     include_indication: bool = False  # prepend the INDICATION section to FINDINGS + IMPRESSION
     split: list[float] = field(
         default_factory=lambda: [0.7, 0.1, 0.2],
@@ -63,6 +66,10 @@ class DataConfig:
                         "must be three positive fractions (train, validation, test) summing to 1"),
     )
     split_seed: int = 0  # the split is by report and does not change with the training seed
+    # Keep this fraction of the training split's groups (reports, patients), with their images,
+    # reports and labels; a stable, nested subset chosen by split_seed (vkd_pyro.data.splits.reduce_train).
+    # Validation and test are untouched.
+    train_fraction: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
     max_reports: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 10, "must be >= 10"))
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
     # Real datasets (openi, mimic_cxr, chestxray14), see vkd_pyro/data/<name>.py:

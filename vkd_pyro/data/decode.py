@@ -133,8 +133,9 @@ def _read_pillow(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 def _pydicom():
+    """pydicom and its LUT functions, or None: an optional dependency (`pip install vkd-pyro[dicom]`)."""
     try:
-        import pydicom
+        import pydicom  # optional: only DICOM input needs it
     except ImportError:
         return None
     try:

@@ -6,15 +6,37 @@ says which of the 14 CheXpert classes (`vkd_pyro.classes.CLASSES`) each term nam
 below only read it:
 
 - `classes_of_term(term)`: the classes one term names (usually 0 or 1);
-- `findings_of(terms)`: (class, term) for each class a report's terms name, No Finding left out;
-- `label_vector(terms)`: the 14-long 0/1 vector of a report, No Finding by CheXpert's rule;
+- `findings_of(terms)`: (class, term) for each finding the phantom renderer draws;
+- `label_vector(terms)`: the 14-long 0/1 vector of a report from its terms, uncertain -> 0;
+- `report_labels(terms, text, policy)`: labels and label mask with uncertain mentions under
+  `data.label_policy` (zeros | ones | ignore), as MIMIC-CXR's -1 labels;
 - `unmapped_heads(reports, min_count)`: the frequent heads that name no class anywhere.
+
+Where these rules part from CheXpert's mention definitions (decided for issue #9; the table of
+counts is in docs/labels.md):
+
+- Granulomas. CheXpert's Lung Lesion is a nodule or mass; its labeller un-mentions "calcified
+  nodule" and lists "granuloma" as an incidental finding. Granuloma and Calcified Granuloma (2/3 of
+  the old Lung Lesion positives, 425 -> 128 reports) are therefore no class: they still rule out
+  No Finding and the phantom still draws them (small bright nodules, `MeshRule.drawn_as`), now as
+  unlabelled distractors, as on a real film.
+- Uncertainty. The indexers index what the radiologist asserts: a hedged mention ("may represent
+  pneumonia") usually gets no term and so was a 0, while `Cardiomegaly/borderline` was a 1. Both
+  are now *uncertain*, as CheXpert's -1: a `borderline` term, and a class mentioned in a hedged
+  sentence of the text that no term names (`hedged_mentions`, a phrase-level approximation of the
+  labeller's uncertainty patterns). `data.label_policy` sends them to 0, 1, or unknown (masked).
+  CheXpert's aggregation: No Finding is 0 when a pathology is uncertain.
+- Support devices come from the terms only: sternotomy wires count when the indexers added
+  `Surgical Instruments` or `Sutures` (107 report texts say "sternotomy"; 54 of them have no
+  Support Devices term and are 0). No text rule is added: "sternotomy" names the operation, and
+  the wires are not always said to be there.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -36,12 +58,16 @@ class MeshRule(NamedTuple):
     classes: the CheXpert classes the term names; () for a finding outside the 14 classes.
     finding: False only for the few class-less terms that report no abnormality at all (see
         `label_vector`); they leave No Finding alone, every other class-less term rules it out.
+    drawn_as: None (the term is drawn as its `classes`) or the classes whose look the phantom
+        renderer gives a term that is labelled otherwise: calcified granulomas are no CheXpert
+        class but are drawn as the small bright nodules they are on a film (`findings_of`).
     """
 
     head: str
     qualifier: str | tuple[str, ...] | None
     classes: tuple[str, ...]
     finding: bool = True
+    drawn_as: tuple[str, ...] | None = None
 
 
 _NF = ("No Finding",)
@@ -68,14 +94,18 @@ _NONE: tuple[str, ...] = ()
 # and mention_phrases/airspace_opacity.txt), which made the MIMIC-CXR labels the paper follows: a
 # term goes to the class whose mention phrases its report wording would hit ("scar" -> Lung
 # Opacity, "interstitial marking" -> Lung Opacity, "fibrosis" -> Pleural Other, "heart failure" ->
-# Edema, "cardiac shadow" -> Cardiomegaly). One exception, fixed by the project's issue: Granuloma
-# and Calcified Granuloma -> Lung Lesion, which the labeller's Lung Lesion phrases ("mass",
-# "nodule", ...) do not name (it even un-mentions "calcified nodule").
+# Edema, "cardiac shadow" -> Cardiomegaly). Granuloma and Calcified Granuloma follow the labeller
+# too (issue #9; they used to be Lung Lesion): its Lung Lesion phrases ("mass", "nodule", ...) do
+# not name granulomas, it un-mentions "calcified nodule", and it lists "granuloma" among the
+# incidental findings that only rule out No Finding. They made 2/3 of the old Lung Lesion
+# positives, so the old class mostly measured "calcified granuloma seen". They stay findings
+# (No Finding 0) and are still drawn (`drawn_as`), so the phantoms keep them as distractors.
 #
-# Resulting report counts (positives per class): No Finding 1684, Enlarged Cardiomediastinum 35,
-# Cardiomegaly 401, Lung Opacity 777, Lung Lesion 425, Edema 101, Consolidation 30, Pneumonia 42,
-# Atelectasis 332, Pneumothorax 27, Pleural Effusion 163, Pleural Other 81, Fracture 84,
-# Support Devices 402; 674 reports with all labels 0 (see `label_vector`).
+# Resulting report counts from the terms alone (`label_vector`, borderline -> 0; docs/labels.md has
+# the table with the old counts and the hedged text mentions of `report_labels` per policy):
+# No Finding 1684, Enlarged Cardiomediastinum 35, Cardiomegaly 350, Lung Opacity 777, Lung Lesion
+# 128, Edema 101, Consolidation 30, Pneumonia 42, Atelectasis 332, Pneumothorax 27, Pleural
+# Effusion 162, Pleural Other 81, Fracture 84, Support Devices 402; 897 reports with all labels 0.
 #
 # Matching: the rows of one head are tried top to bottom; the first whose qualifier is None or is
 # carried by the term (at any position) decides. A row after its head's catch-all row (qualifier
@@ -129,15 +159,16 @@ MESH_RULES: tuple[MeshRule, ...] = (
     MeshRule("Mass", None, _LL),  # n=15: lung 12, thorax 3
     # Calcified Granuloma n=284: lung 207, no site/scattered/multiple ~65; mediastinum 3,
     # paratracheal 2: calcified nodes, not a lung lesion.
+    # CheXpert: no Lung Lesion (see above); drawn as the small calcified nodules they are.
     MeshRule("Calcified Granuloma", ("mediastinum", "paratracheal"), _NONE),
-    MeshRule("Calcified Granuloma", None, _LL),
+    MeshRule("Calcified Granuloma", None, _NONE, drawn_as=_LL),
     MeshRule("Granuloma", ("ribs", "thoracic vertebrae"), _NONE),  # n=2: bone
-    MeshRule("Granuloma", None, _LL),  # n=51, lung 38
+    MeshRule("Granuloma", None, _NONE, drawn_as=_LL),  # n=51, lung 38
     MeshRule("Cavitation", None, _LL),  # n=6, all /lung: "cavitary lesion"
     MeshRule("Granulomatous Disease", None, _NONE),  # n=112: the diagnosis; its lesions are indexed apart
     MeshRule("Calcinosis", None, _NONE),  # n=347: aorta 95, hilar/mediastinal nodes ~110, lung ~30
     # -- Cardiomegaly / Enlarged Cardiomediastinum ------------------------------------------------
-    MeshRule("Cardiomegaly", None, _CM),  # n=375 (borderline 47 included)
+    MeshRule("Cardiomegaly", None, _CM),  # n=375; borderline 47: uncertain (`uncertain_classes`)
     # Cardiac Shadow n=58: enlarged 52, borderline 3, prominent 1 -> Cardiomegaly ("cardiac
     # shadow" is a labeller Cardiomegaly phrase); obscured 1, irregular 1 -> no class.
     MeshRule("Cardiac Shadow", ("enlarged", "borderline", "prominent"), _CM),
@@ -283,17 +314,29 @@ def _rules_out_no_finding(term: MeshTerm) -> bool:
     return rule.finding
 
 
-def findings_of(terms: Sequence[MeshTerm]) -> list[tuple[str, MeshTerm]]:
-    """(class name, term) for each class each term names, in term order; No Finding left out.
+def drawn_classes_of_term(term: MeshTerm) -> tuple[str, ...]:
+    """The classes whose look the phantom renderer gives `term`: its rule's `drawn_as`, else its classes."""
+    rule = rule_of_term(term)
+    if rule is None:
+        return ()
+    return rule.drawn_as if rule.drawn_as is not None else rule.classes
 
-    Support Devices are included (the renderer draws them too); the term keeps its qualifiers,
-    which say where the finding is (`Opacity/lung/base/left`).
+
+def findings_of(terms: Sequence[MeshTerm]) -> list[tuple[str, MeshTerm]]:
+    """(class name, term) for each finding the phantom shows, in term order; No Finding left out.
+
+    These are what the renderer draws, not the labels: each class a term names, plus the look of
+    terms drawn but not labelled (`MeshRule.drawn_as`: calcified granulomas as small bright
+    nodules), and uncertain ones too (a borderline heart is drawn borderline). Support Devices are
+    included; the term keeps its qualifiers, which say where the finding is (`Opacity/lung/base/left`).
     """
-    return [(name, term) for term in terms for name in classes_of_term(term) if name != NO_FINDING]
+    return [(name, term) for term in terms for name in drawn_classes_of_term(term) if name != NO_FINDING]
 
 
 def label_vector(terms: Sequence[MeshTerm]) -> np.ndarray:
-    """The report's labels, float32 of shape (14,) in `CLASSES` order: 1 for each class a term names.
+    """The report's labels from its terms alone, float32 (14,) in `CLASSES` order, uncertain -> 0:
+    1 for each class a term names, except the classes only `borderline` terms name (uncertain, see
+    `uncertain_classes`), which are 0; `report_labels` adds the hedged text mentions and the policy.
 
     No Finding follows the CheXpert labeller's aggregation: it is 1 unless some term reports an
     abnormality other than a support device. An abnormality is a term naming any of the 12
@@ -314,15 +357,111 @@ def label_vector(terms: Sequence[MeshTerm]) -> np.ndarray:
     Finding and no all-zero report, calling those 674 abnormal reports normal, which neither the
     OpenI indexers (who wrote no "normal" for them) nor the CheXpert labeller do.
     """
-    vec = np.zeros(NUM_CLASSES, dtype=np.float32)
+    return report_labels(terms)[0]
+
+
+def _positive_and_borderline(terms: Sequence[MeshTerm]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(positive (14,) bool, borderline-only (14,) bool, abnormal) of a report's terms."""
+    positive = np.zeros(NUM_CLASSES, dtype=bool)
+    borderline = np.zeros(NUM_CLASSES, dtype=bool)
     abnormal = False
     for term in terms:
+        hedged = HEDGE_QUALIFIER in term.qualifiers
         for name in classes_of_term(term):
             if name != NO_FINDING:
-                vec[CLASS_INDEX[name]] = 1.0
+                (borderline if hedged else positive)[CLASS_INDEX[name]] = True
         abnormal = abnormal or _rules_out_no_finding(term)
-    vec[CLASS_INDEX[NO_FINDING]] = 0.0 if abnormal else 1.0
-    return vec
+    return positive, borderline & ~positive, abnormal
+
+
+#: The qualifier that makes a term uncertain (n=54 on the archive, 47 of them Cardiomegaly).
+HEDGE_QUALIFIER = "borderline"
+
+# Hedged text mentions. A sentence of FINDINGS + IMPRESSION is hedged when it has one of the
+# uncertainty cues (a subset of the CheXpert labeller's patterns/pre_negation_uncertainty.txt and
+# post_negation_uncertainty.txt, as plain phrases) and no negation cue ("no", "without",
+# "negative for", "to suggest": "no opacity to suggest pneumonia" is a negation, not a hedge).
+# A class it mentions (a subset of the labeller's phrases/mention/*.txt) is uncertain unless a
+# term already names it: the indexers index what the radiologist asserts.
+_UNCERTAIN_CUES = re.compile(
+    r"\b(possible|possibly|probable|probably|may|might|could|cannot be excluded|can not be excluded|"
+    r"cannot exclude|not excluded|questionable|question|suspicious for|concerning for|suggestive of|"
+    r"suggests?|versus|vs|likely|equivocal|borderline|differential|difficult to exclude)\b", re.I)
+_NEGATION_CUES = re.compile(r"\b(no|without|negative for|to suggest|resolved|free of|clear of)\b", re.I)
+MENTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "Enlarged Cardiomediastinum": ("mediastinal widening", "widened mediastinum", "widening of the mediastinum",
+                                   "mediastinal enlargement", "enlarged mediastinum"),
+    "Cardiomegaly": ("cardiomegaly", "enlarged heart", "cardiac enlargement", "heart size is enlarged",
+                     "enlarged cardiac silhouette", "enlargement of the cardiac silhouette"),
+    "Lung Opacity": ("opacit", "infiltrat", "airspace disease", "air space disease", "airspace process",
+                     "scarring", "interstitial marking"),
+    "Lung Lesion": ("nodule", "nodular", "mass", "neoplasm", "tumor", "carcinoma", "malignan", "lung cancer"),
+    "Edema": ("edema", "vascular congestion", "pulmonary congestion", "heart failure", "chf"),
+    "Consolidation": ("consolidat",),
+    "Pneumonia": ("pneumonia", "infection", "infectious process", "aspiration"),
+    "Atelectasis": ("atelecta", "collapse"),
+    "Pneumothorax": ("pneumothora",),
+    "Pleural Effusion": ("effusion", "pleural fluid"),
+    "Pleural Other": ("pleural thickening", "fibrosis", "pleural scar"),
+    "Fracture": ("fracture",),
+}
+_MENTIONS = {name: re.compile(r"\b(" + "|".join(re.escape(p) for p in phrases) + r")", re.I)
+             for name, phrases in MENTION_PHRASES.items()}
+#: Phrases removed before a class's mentions are looked for ("pericardial effusion" is no pleural one).
+_NOT_MENTIONS = {"Pleural Effusion": re.compile(r"pericardial effusions?", re.I)}
+_CALCIFIED_NODULE = re.compile(r"calcified (nodule|nodular)|granulom", re.I)
+
+
+def hedged_mentions(text: str) -> np.ndarray:
+    """(14,) bool: the classes a hedged sentence of `text` mentions (see the comment above)."""
+    out = np.zeros(NUM_CLASSES, dtype=bool)
+    for sentence in re.split(r"(?<=[.;])\s+|\n+", text or ""):
+        if not _UNCERTAIN_CUES.search(sentence) or _NEGATION_CUES.search(sentence):
+            continue
+        for name, pattern in _MENTIONS.items():
+            if pattern.search(_NOT_MENTIONS[name].sub(" ", sentence) if name in _NOT_MENTIONS else sentence):
+                if name == "Lung Lesion" and _CALCIFIED_NODULE.search(sentence) and not re.search(
+                        r"\bmass\b|neoplasm|tumor|carcinoma|malignan|cancer", sentence, re.I):
+                    continue  # "may be a calcified granuloma": no lesion in CheXpert's sense
+                out[CLASS_INDEX[name]] = True
+    return out
+
+
+def uncertain_classes(terms: Sequence[MeshTerm], text: Optional[str] = None) -> np.ndarray:
+    """(14,) bool: classes uncertain in a report, i.e. not asserted by any term, but named by a
+    `borderline` term or (when `text` is given) by a hedged sentence of the text."""
+    positive, borderline, _ = _positive_and_borderline(terms)
+    hedged = hedged_mentions(text) if text else np.zeros(NUM_CLASSES, dtype=bool)
+    return (borderline | hedged) & ~positive
+
+
+LABEL_POLICIES = ("zeros", "ones", "ignore")
+
+
+def report_labels(terms: Sequence[MeshTerm], text: Optional[str] = None,
+                  policy: str = "zeros") -> tuple[np.ndarray, np.ndarray]:
+    """(labels (14,) float32, known (14,) float32) of one report under `data.label_policy`.
+
+    Positive: a term names the class (not only as `borderline`). Uncertain (`uncertain_classes`):
+    -> 0 (`zeros`), 1 (`ones`) or label 0 with known 0 (`ignore`: left out of the loss and the
+    AUCs, as MIMIC-CXR's -1). No Finding is never uncertain; it is 0 when a term reports an
+    abnormality (see `label_vector`) or when a pathology class is uncertain (CheXpert's aggregation:
+    No Finding only when no pathology is positive or uncertain).
+    """
+    if policy not in LABEL_POLICIES:
+        raise ValueError(f"label policy {policy!r}: use one of {', '.join(LABEL_POLICIES)}")
+    positive, _, abnormal = _positive_and_borderline(terms)
+    uncertain = uncertain_classes(terms, text)
+    uncertain[CLASS_INDEX[NO_FINDING]] = False
+    labels = positive.astype(np.float32)
+    known = np.ones(NUM_CLASSES, dtype=np.float32)
+    if policy == "ones":
+        labels[uncertain] = 1.0
+    elif policy == "ignore":
+        known[uncertain] = 0.0
+    pathology_uncertain = any(uncertain[CLASS_INDEX[c]] for c in PATHOLOGY_CLASSES)
+    labels[CLASS_INDEX[NO_FINDING]] = 0.0 if (abnormal or pathology_uncertain) else 1.0
+    return labels, known
 
 
 def unmapped_heads(reports: Iterable[Report], min_count: int = 1) -> dict[str, int]:

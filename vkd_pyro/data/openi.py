@@ -23,8 +23,10 @@ else `unknown`; it is used when its view is one of `data.views` (default PA and 
 Records: reports with neither FINDINGS nor IMPRESSION, without images or without a frontal image
 are left out and counted (`skipped`). `data.multi_image`: `first` uses the first frontal image of
 a report (in parentImage order), `all` each as a record of its own; the split is by report (the
-group), so no report straddles two splits. Labels: `vkd_pyro.data.labels.label_vector` on the
-report's MeSH major terms; the text: FINDINGS + IMPRESSION (INDICATION first if asked).
+group), so no report straddles two splits. Labels: `vkd_pyro.data.labels.report_labels` on the
+report's MeSH major terms and FINDINGS + IMPRESSION text: uncertain mentions (`borderline` terms,
+hedged sentences) follow `data.label_policy` (zeros | ones | ignore: masked, `label_mask`); the
+text: FINDINGS + IMPRESSION (INDICATION first if asked).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from vkd_pyro.data.labels import label_vector
+from vkd_pyro.data.labels import report_labels
 from vkd_pyro.data.openi_reports import default_archive, read_reports, xrv_datapath
 from vkd_pyro.data.records import BadRecords, XRayDataset, first_groups, read_table, require_folder
 
@@ -81,7 +83,8 @@ class OpenIDataset(XRayDataset):
     def __init__(self, root: Optional[str], reports: Optional[str] = None, image_size: int = 224,
                  views=("PA", "AP"), multi_image: str = "first", include_indication: bool = False,
                  on_bad_record: str = "error", max_reports: Optional[int] = None,
-                 cache_dir: Optional[os.PathLike] = None, workers: int = 0, say=None):
+                 cache_dir: Optional[os.PathLike] = None, workers: int = 0, say=None,
+                 label_policy: str = "zeros"):
         folder = require_folder(root, "openi", "the NLMCXR PNG images <parentImage id>.png", SOURCE)
         archive = Path(os.path.expanduser(reports)) if reports else default_archive()
         bad = BadRecords(on_bad_record)
@@ -91,7 +94,7 @@ class OpenIDataset(XRayDataset):
         chosen_groups = first_groups((r.uid for r in all_reports), max_reports)
         selection = {"lateral or other views not used": 0, "images of unknown view not used": 0,
                      "further frontal images not used (multi_image=first)": 0}
-        rows, labels, texts = [], [], []
+        rows, labels, known, texts = [], [], [], []
         for report in all_reports:
             if chosen_groups is not None and report.uid not in chosen_groups:
                 continue
@@ -119,16 +122,18 @@ class OpenIDataset(XRayDataset):
             if multi_image == "first":
                 selection["further frontal images not used (multi_image=first)"] += len(frontal) - 1
                 frontal = frontal[:1]
-            vector = label_vector(report.major)
+            vector, report_known = report_labels(report.major, report.text(), label_policy)
             text = report.text(include_indication)
             for image_id, view in frontal:
                 rows.append({"record": image_id, "path": str(folder / f"{image_id}.png"), "group": report.uid,
                              "view": view, "mesh_major": "; ".join(map(str, report.major))})
                 labels.append(vector)
+                known.append(report_known)
                 texts.append(text)
         if multi_image != "first":
             del selection["further frontal images not used (multi_image=first)"]
         records = pd.DataFrame(rows, columns=["record", "path", "group", "view", "mesh_major"])
         labels = np.stack(labels) if labels else np.zeros((0, 14), np.float32)
-        super().__init__("openi", records, labels, None, texts, image_size, cache_dir, bad,
+        mask = (np.stack(known) if known else np.zeros((0, 14), np.float32)) if label_policy == "ignore" else None
+        super().__init__("openi", records, labels, mask, texts, image_size, cache_dir, bad,
                          selection=selection, workers=workers, say=say)

@@ -31,6 +31,20 @@ Conventions
   such as the enlargement of the heart in cardiomegaly or the widening of the mediastinum) is
   multiplied by ``signal``.  ``signal = 0`` yields exactly the image without findings;
   ``signal = 1`` is the nominal look; larger values exaggerate.
+* ``difficulty`` in [0, 1] (default 0: exactly the images of ``difficulty``-less versions) makes
+  the film harder to read the way real films are hard, in four ways that all grow linearly with it
+  (docs/phantom_difficulty.md shows contact sheets):
+
+  - conspicuity: each finding's contrast and geometric change is multiplied by its own factor
+    ``c ~ Uniform(1 - 0.8 d, 1)`` (a stream of its own per finding): some findings are subtle,
+    as small, faint or overlapped ones are on real films;
+  - anatomical noise: a smooth random density field of RMS ``0.06 d`` (features ~0.1 to 0.2 of the
+    image) is added inside the body: overlying soft tissue, breast and bowel gas that real findings
+    hide in (the dominant limit of conspicuity on chest films);
+  - unsharpness: the intensity image is blurred by a Gaussian of sigma ``0.02 d`` image half-widths
+    (about 0.6 px at 64 px, 1.3 px at 128 px for d = 1): focal spot, detector and motion blur;
+  - quantum noise: the white noise's standard deviation is multiplied by ``1 + 2 d`` (a dose about
+    9 times lower at d = 1).
 
 Findings are ``(class_name, MeshTerm)`` pairs (the 14 CheXpert classes of ``vkd_pyro.classes``);
 the term's qualifiers choose the side ('right', 'left', 'bilateral'), the place ('apex', 'upper
@@ -830,14 +844,33 @@ _DRAWN = {
 }
 
 
+#: At difficulty d a finding's contrast factor is Uniform(1 - CONSPICUITY_SPREAD d, 1).
+CONSPICUITY_SPREAD = 0.8
+#: RMS density of the anatomical-noise field at difficulty 1 (soft tissue is ~0.55).
+ANATOMICAL_NOISE = 0.06
+#: Blur sigma at difficulty 1, in image half-widths (normalised units).
+BLUR_SIGMA = 0.02
+#: At difficulty d the quantum noise's standard deviation is multiplied by 1 + QUANTUM_NOISE d.
+QUANTUM_NOISE = 2.0
+
+
+def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Separable Gaussian blur (sigma in pixels), edges reflected."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(img, sigma=sigma_px, mode="reflect").astype(_F32)
+
+
 def render_phantom(seed_key: str, findings: Sequence[tuple[str, MeshTerm]], size: int = 64,
-                   signal: float = 1.0) -> np.ndarray:
+                   signal: float = 1.0, difficulty: float = 0.0) -> np.ndarray:
     """Render one synthetic PA chest radiograph, uint8 of shape (size, size).
 
     `seed_key` (the report id, e.g. 'CXR123') fixes the patient's anatomy, exposure and noise and
     the random details of each finding; `findings` are (CheXpert class name, MeshTerm) pairs whose
     qualifiers place and size the finding; `signal` >= 0 multiplies every finding's contrast and
-    geometric change (0 gives exactly the no-finding image).
+    geometric change (0 gives exactly the no-finding image); `difficulty` in [0, 1] adds per-finding
+    conspicuity spread, anatomical noise, blur and quantum noise (see the module docstring; 0 gives
+    exactly the images of versions without it).
     """
     size = int(size)
     if size < 8:
@@ -845,6 +878,9 @@ def render_phantom(seed_key: str, findings: Sequence[tuple[str, MeshTerm]], size
     signal = float(signal)
     if not signal >= 0.0 or math.isinf(signal):
         raise ValueError(f"signal must be a finite number >= 0, got {signal}")
+    d = float(difficulty)
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
     key = str(seed_key)
     p = _anatomy_params(_rng(key, "anatomy"))
 
@@ -854,26 +890,37 @@ def render_phantom(seed_key: str, findings: Sequence[tuple[str, MeshTerm]], size
         term = _coerce_term(term)
         ident = (cls, str(term))
         seen[ident] = seen.get(ident, 0) + 1
-        items.append((cls, term, _degree(term), _rng(key, "finding", cls, str(term), seen[ident])))
+        sig = signal
+        if d > 0.0:  # a stream of its own: the finding's other draws are those of difficulty 0
+            sig *= 1.0 - CONSPICUITY_SPREAD * d * _rng(key, "conspicuity", cls, str(term), seen[ident]).uniform()
+        items.append((cls, term, _degree(term), _rng(key, "finding", cls, str(term), seen[ident]), sig))
 
     if signal > 0.0:
-        for cls, term, deg, _ in items:
+        for cls, term, deg, _, sig in items:
             g = _GEOMETRIC.get(cls)
             if g is not None:
-                g(p, term, signal, deg)
+                g(p, term, sig, deg)
 
     cv = _Canvas(size, p)
     _draw_anatomy(cv)
     if signal > 0.0:
-        for cls, term, deg, rng in items:
+        for cls, term, deg, rng, sig in items:
             f = _DRAWN.get(cls)
             if f is not None:
-                f(cv, term, rng, signal, deg)
+                f(cv, term, rng, sig, deg)
+    if d > 0.0:
+        crng = _rng(key, "clutter")
+        clutter = 0.7 * _smooth_noise(crng, size, 10) + 0.7 * _smooth_noise(crng, size, 18)
+        body = _ramp(p["torso"] - np.abs(cv.x), cv.inv_e / 3.0)
+        cv.D += (ANATOMICAL_NOISE * d) * clutter * body
 
     k, gamma, lo, hi, heel, sigma = p["exposure"]
     img = 1.0 - np.exp(np.maximum(cv.D, 0.0) * (-k))
     img = img ** gamma
     img = lo + (hi - lo) * img + (heel * cv.ax)[None, :]
+    if d > 0.0:
+        img = _blur(img, BLUR_SIGMA * d * size / 2.0)
+        sigma = sigma * (1.0 + QUANTUM_NOISE * d)
     nrng = _rng(key, "noise")
     img += nrng.standard_normal((size, size), dtype=_F32) * sigma
     img += 0.012 * _smooth_noise(nrng, size, 6)

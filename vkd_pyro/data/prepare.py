@@ -16,7 +16,7 @@ from vkd_pyro.config import Config
 from vkd_pyro.data.batching import PairedSplit
 from vkd_pyro.data.card import dataset_card
 from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.data.splits import dataset_splits
+from vkd_pyro.data.splits import dataset_splits, reduce_train
 from vkd_pyro.encoders.text import FrozenTextEncoder, TextFeatureCache
 
 
@@ -42,9 +42,12 @@ def prepare_data(config: Config, with_reports: bool = True) -> PreparedData:
     """Dataset, split by group, and (for objectives with a guide) cached frozen report states."""
     dataset = build_dataset(config)
     indices = dataset_splits(dataset, config.data.split, config.data.split_seed)  # official split if any
+    indices, fraction_note = reduce_train(indices, dataset.groups, config.data.train_fraction, config.data.split_seed)
     notes = [f"{config.data.name}: {len(dataset)} records"
              + "".join(f"; {n} left out ({why})" for why, n in dataset.skipped.items() if n)
              + "; split " + " / ".join(f"{name} {len(idx)}" for name, idx in indices.items())]
+    if config.data.train_fraction < 1:
+        notes.append(fraction_note)
     states, dims, identity = None, None, None
     if with_reports and config.inference.uses_reports:
         encoder = FrozenTextEncoder(config.text_encoder.name)

@@ -20,11 +20,9 @@ def build_real_dataset(config: Config, say=logs.info):
     common = dict(image_size=data.image_size, on_bad_record=data.on_bad_record, max_reports=data.max_reports,
                   cache_dir=config.resolved_cache_dir(), workers=data.num_workers, say=say, views=data.views)
     if data.name == "openi":
-
         return OpenIDataset(data.root, reports=data.reports, multi_image=data.multi_image,
-                            include_indication=data.include_indication, **common)
+                            include_indication=data.include_indication, label_policy=data.label_policy, **common)
     if data.name == "mimic_cxr":
-
         return MIMICCXRDataset(data.root, reports=data.reports, multi_image=data.multi_image,
                                label_policy=data.label_policy, blank_policy=data.blank_policy,
                                include_indication=data.include_indication, **common)

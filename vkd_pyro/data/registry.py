@@ -15,11 +15,10 @@ def build_dataset(config: Config):
     a split keeps together) and `skipped` (records left out, by reason)."""
     data = config.data
     if data.name == "openi_phantom":
-
         return OpenIPhantomDataset(root=data.root, image_size=data.image_size, signal=data.signal,
                                    include_indication=data.include_indication, max_reports=data.max_reports,
-                                   cache_dir=config.resolved_cache_dir())
+                                   cache_dir=config.resolved_cache_dir(), difficulty=data.difficulty,
+                                   label_policy=data.label_policy)
     if data.name in REAL_DATASETS:
-
         return build_real_dataset(config)
     raise AssertionError(f"unknown dataset {data.name}")  # the config validator lists the known names

@@ -1,4 +1,5 @@
-"""Evaluation from images alone (Algorithm 2): Monte Carlo predictive, per-class ROC AUC, the table.
+"""Evaluation from images alone (Algorithm 2): Monte Carlo predictive, per-class ROC AUC, the table,
+and (re-exported from `vkd_pyro.training.predictions`) a split's predictions written to predictions_<split>.npz.
 
 The predictive probability of class c is the mean over S prior samples z_I^(s) ~ p(z_I|x_I) of
 p(y_c = 1 | x_I, z_I^(s)); its spread is their standard deviation. AUCs are scikit-learn's.
@@ -18,11 +19,12 @@ from torch.utils.data import DataLoader
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.config import Config
 from vkd_pyro.data.batching import collate
-from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.data.splits import split_label_mask, split_record_ids
 from vkd_pyro.files import atomic_path, write_json
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.training import distributed
 from vkd_pyro.training.distributed import say
+from vkd_pyro.training.predictions import write_predictions
 
 
 @torch.no_grad()
@@ -154,9 +156,11 @@ def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, s
         return result
     suffix = "" if split == "test" else f"_{split}"
     write_json(out_dir / f"metrics{suffix}.json", result)
+    write_predictions(out_dir, split, probs, labels, CLASSES, mask=mask, record_ids=split_record_ids(data.splits[split]),
+                      meta={"seed": config.seed, "objective": config.inference.objective})
     plot_roc(labels, probs, CLASSES, out_dir / f"roc{suffix}.png", title=f"{config.inference.objective}, {split}",
              mask=mask, evaluated=config.data.eval_classes)
     say(f"\n{split} split, {len(labels)} records, images only (Algorithm 2, S={samples}):")
     say(format_auc_table({config.inference.objective: result}, CLASSES, result["positives"]))
-    say(f"\nwrote {out_dir}/metrics{suffix}.json, roc{suffix}.png")
+    say(f"\nwrote {out_dir}/metrics{suffix}.json, predictions_{split}.npz, roc{suffix}.png")
     return result
