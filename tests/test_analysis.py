@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vkd_pyro.training.loop
+import vkd_pyro.analysis.sweep
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.analysis.sweep import parse_grid, run_name, split_values
 from vkd_pyro.cli import main
@@ -22,15 +22,15 @@ def cache(tmp_path_factory):
 
 @pytest.fixture
 def count_fits(monkeypatch):
-    """Count the calls of vkd_pyro.training.loop.fit (the sweep looks it up when it runs)."""
+    """Count the calls of the sweep's training function (vkd_pyro.training.loop.fit)."""
     calls = []
-    real = vkd_pyro.training.loop.fit
+    real = vkd_pyro.analysis.sweep.train_fit
 
     def counting(config, out_dir, progress=None, **options):
         calls.append((str(out_dir), options.get("resume", False)))
         return real(config, out_dir, progress, **options)
 
-    monkeypatch.setattr(vkd_pyro.training.loop, "fit", counting)
+    monkeypatch.setattr(vkd_pyro.analysis.sweep, "train_fit", counting)
     return calls
 
 

@@ -34,15 +34,18 @@ Mann-Whitney form of the same AUC (ties count one half), vectorised over replica
 
 from __future__ import annotations
 
+import glob
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from vkd_pyro.errors import UserError
+from vkd_pyro.training.predictions import predictions_path, read_predictions
 
 #: Replicates per chunk: bounds the (chunk, N) count matrices on large test sets.
 _CHUNK = 250
@@ -291,3 +294,58 @@ def format_comparison(result: Comparison, name_a: str = "A", name_b: str = "B") 
     lines.append(f"B = {name_b}, A = {name_a}; paired bootstrap over {result.n_records} test records, "
                  f"{result.replicates} of {result.n_boot} replicates, seed {result.seed}{pooled}")
     return "\n".join(lines)
+
+
+def collect_runs(target: str, split: str = "test") -> dict:
+    """seed -> run folder for `target`: a run folder (it holds predictions_<split>.npz), a sweep or
+    ablation folder (its runs/ subfolders), or a glob pattern of run folders. UserError when it
+    names no run with predictions, or when two runs share a seed (then name one grid point, e.g.
+    `SWEEP/runs/objective=vkd-seed*`)."""
+    path = Path(target)
+    if (path / predictions_path(".", split).name).is_file():
+        folders = [path]
+    elif (path / "runs").is_dir():
+        folders = sorted(p for p in (path / "runs").iterdir() if predictions_path(p, split).is_file())
+    elif glob.has_magic(target):
+        folders = sorted(Path(p) for p in glob.glob(target) if predictions_path(p, split).is_file())
+    elif not path.exists():
+        raise UserError(f"{target}: no such run or sweep folder")
+    else:
+        folders = []
+    if not folders:
+        raise UserError(f"{target}: holds no run with {predictions_path('.', split).name} (a run folder, a sweep "
+                        "folder or a pattern of run folders; runs trained before predictions were written need "
+                        "`vkd-pyro evaluate --run DIR` once)")
+    by_seed: dict = {}
+    for folder in folders:
+        seed = read_predictions(folder, split).meta.get("seed")
+        if seed in by_seed:
+            raise UserError(f"{target}: {by_seed[seed].name} and {folder.name} both have seed {seed}; name one "
+                            f"configuration, e.g. '{path / 'runs' / (folder.name.rsplit('-seed', 1)[0] + '-seed*')}'")
+        by_seed[seed] = folder
+    return by_seed
+
+
+def compare_targets(target_a: str, target_b: str, split: str = "test", n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[Comparison, list[str]]:
+    """The comparison B - A of two runs (or sets of runs paired by seed) on `split`, and notes (the
+    pairs used, seeds without a partner)."""
+    runs_a, runs_b = collect_runs(target_a, split), collect_runs(target_b, split)
+    seeds = sorted(set(runs_a) & set(runs_b), key=str)
+    if not seeds:
+        raise UserError(f"compare: no seed in common ({target_a}: {sorted(runs_a, key=str)}; "
+                        f"{target_b}: {sorted(runs_b, key=str)})")
+    pairs, classes, evaluated = [], None, None
+    for s in seeds:
+        a, b = read_predictions(runs_a[s], split), read_predictions(runs_b[s], split)
+        if a.classes != b.classes:
+            raise UserError(f"compare: {runs_a[s]} and {runs_b[s]} predict different classes")
+        classes = a.classes
+        evaluated = a.meta.get("eval_classes") or evaluated
+        pairs.append(((a.probs, a.labels, a.mask, a.record_ids), (b.probs, b.labels, b.mask, b.record_ids)))
+    notes = ["pairs by seed: " + ", ".join(f"{s} ({runs_a[s].name} / {runs_b[s].name})" for s in seeds)]
+    unpaired = sorted((set(runs_a) ^ set(runs_b)), key=str)
+    if unpaired:
+        notes.append(f"left out, no partner: seed(s) {', '.join(map(str, unpaired))}")
+    result = pooled_bootstrap(pairs, classes, n_boot=n_boot, seed=seed, level=level, evaluated=evaluated)
+    return result, notes

@@ -1,7 +1,6 @@
-"""The analysis commands of `vkd-pyro`: sweep, ablate, diagnose, figures (registered by vkd_pyro.cli).
+"""The analysis commands of `vkd-pyro`: sweep, ablate, diagnose, figures, compare (registered by vkd_pyro.cli).
 
-Kept apart from cli.py so that the main parser stays small; nothing heavy is imported until a
-command runs.
+Kept apart from the main parser (`vkd_pyro/cli/__init__.py`) so that each stays small.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vkd_pyro.analysis.ablate import ablate
+from vkd_pyro.analysis.compare import compare_targets, format_comparison
 from vkd_pyro.analysis.diagnostics import diagnose, format_diagnostics
 from vkd_pyro.analysis.figures import make_figures
 from vkd_pyro.analysis.sweep import parse_grid, run_sweep
@@ -56,6 +56,17 @@ def add_analysis_commands(commands) -> None:
     diagnose.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE (default 10)")
     diagnose.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates (default 0)")
 
+    compare = commands.add_parser(
+        "compare", help="macro-AUC difference of two runs (or sweeps, paired by seed) with a bootstrap interval",
+        description="B - A on the same test records: the macro-AUC difference with its 95%% interval from a "
+        "paired bootstrap over records (pooled over the seeds both sides have), per class too. A and B are run "
+        "folders, sweep folders (their runs/, one configuration) or glob patterns of run folders.")
+    compare.add_argument("a", metavar="RUN_OR_SWEEP_A", help="the baseline")
+    compare.add_argument("b", metavar="RUN_OR_SWEEP_B", help="the method compared with it")
+    compare.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    compare.add_argument("--boot", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+
     figures = commands.add_parser(
         "figures", help="the paper's figures for a run (t-SNE of z_I, Grad-CAM + report attention, ROC, curves)",
         description="Write PNGs into <run>/figures/: tsne.png (Fig. 2, beside --compare), record_*.png (Fig. 3), "
@@ -64,6 +75,15 @@ def add_analysis_commands(commands) -> None:
     figures.add_argument("--compare", default=None, help="a second run folder for the t-SNE (e.g. image_only)")
     figures.add_argument("--records", type=int, default=2, help="records for Fig. 3 (default 2)")
     figures.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+
+
+def _cmd_compare(args) -> None:
+    if args.boot < 100:
+        raise UserError(f"--boot: at least 100 replicates, got {args.boot}")
+    result, notes = compare_targets(args.a, args.b, args.split, n_boot=args.boot, seed=args.seed)
+    print(format_comparison(result, name_a=Path(args.a).name or "A", name_b=Path(args.b).name or "B"))
+    for note in notes:
+        print(note)
 
 
 def _cmd_sweep(args) -> None:
@@ -104,5 +124,6 @@ def _cmd_figures(args) -> None:
     make_figures(args.run, args.compare, args.records, args.samples)
 
 
-ANALYSIS_COMMANDS = {"sweep": _cmd_sweep, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "figures": _cmd_figures}
+ANALYSIS_COMMANDS = {"sweep": _cmd_sweep, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "figures": _cmd_figures,
+                     "compare": _cmd_compare}
 

@@ -157,7 +157,8 @@ def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, s
     suffix = "" if split == "test" else f"_{split}"
     write_json(out_dir / f"metrics{suffix}.json", result)
     write_predictions(out_dir, split, probs, labels, CLASSES, mask=mask, record_ids=split_record_ids(data.splits[split]),
-                      meta={"seed": config.seed, "objective": config.inference.objective})
+                      meta={"seed": config.seed, "objective": config.inference.objective,
+                            "eval_classes": config.data.eval_classes})
     plot_roc(labels, probs, CLASSES, out_dir / f"roc{suffix}.png", title=f"{config.inference.objective}, {split}",
              mask=mask, evaluated=config.data.eval_classes)
     say(f"\n{split} split, {len(labels)} records, images only (Algorithm 2, S={samples}):")
