@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"vkd_pyro": REPO / "vkd_pyro", "vkd_pyro.models": REPO / "models", "vkd_pyro.guides": REPO / "guides"}
 # Layers from the bottom up; a module may import its own layer and those below it.
 LAYERS = [
-    ("config", ["vkd_pyro.config", "vkd_pyro.errors", "vkd_pyro.classes", "vkd_pyro.files"]),
+    ("config", ["vkd_pyro.config", "vkd_pyro.errors", "vkd_pyro.classes", "vkd_pyro.files", "vkd_pyro.logs"]),
     ("data", ["vkd_pyro.data", "vkd_pyro.encoders"]),
     ("core", ["vkd_pyro.models", "vkd_pyro.guides", "vkd_pyro.inference"]),
     ("training", ["vkd_pyro.training"]),

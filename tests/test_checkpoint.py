@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, weights_only reads, RNG states, and the speed options' effect on weights."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -35,7 +36,7 @@ def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     save_atomic({"step": torch.tensor(1)}, path)
 
     def crash(obj, f):  # half a file, then the process dies (here: an exception)
-        f.write(b"PK\x03\x04 half a zip")
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)

@@ -25,8 +25,9 @@ from vkd_pyro.data.card import DATA_COMMANDS, add_data_commands
 from vkd_pyro.data.phantom import contact_sheet
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.errors import Interrupted, UserError
+from vkd_pyro.errors import ConfigError, Interrupted, UserError
 from vkd_pyro.files import atomic_path
+from vkd_pyro.training.build import check_families
 from vkd_pyro.training.evaluate import report
 from vkd_pyro.training.loop import fit
 from vkd_pyro.training.resume import resume_config
@@ -102,6 +103,10 @@ def _cmd_train(args) -> None:
     if args.config is None:
         raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
     config = load_config(args.config, args.overrides)
+    try:
+        check_families(config)  # before any data is read, naming the file as config errors do
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.inference.objective}-seed{config.seed}"
     fit(config, out, progress=progress)
 

@@ -14,16 +14,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import vkd_pyro
-
 PACKAGES = ("torch", "torchvision", "pyro-ppl", "transformers", "numpy", "scikit-learn", "pandas", "torchxrayvision")
-SOURCE = Path(vkd_pyro.__file__).resolve().parents[1]  # the checkout of an editable install
+SOURCE = Path(__file__).resolve().parents[2]  # the checkout of an editable install
 
 
 def package_versions() -> dict:
     """{"python", "vkd-pyro", and each of PACKAGES: its installed version (None when missing)}."""
-    versions = {"python": platform.python_version(), "vkd-pyro": vkd_pyro.__version__}
-    for name in PACKAGES:
+    versions = {"python": platform.python_version()}
+    for name in ("vkd-pyro",) + PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
