@@ -77,16 +77,18 @@ def prepare_data(config: Config, with_reports: bool = True) -> PreparedData:
              + "; split " + " / ".join(f"{name} {len(idx)}" for name, idx in indices.items())]
     states, dims = None, None
     if with_reports and uses_reports(config):
-        from vkd_pyro.encoders.text import FrozenTextEncoder, TextFeatureCache
+        from vkd_pyro.data.text_store import TextFeatureStore
+        from vkd_pyro.encoders.text import FrozenTextEncoder
 
         encoder = FrozenTextEncoder(config.text_encoder.name)
-        cache = TextFeatureCache(config.resolved_cache_dir())
+        store = TextFeatureStore.for_encoder(config.resolved_cache_dir(), encoder, config.text_encoder.max_tokens)
         started = time.perf_counter()
-        states = cache.get_or_compute(encoder, dataset.texts, config.text_encoder.max_tokens)
+        states, encoded = store.get_or_compute(encoder, dataset.texts, device=resolve_device(config.device))
         dims = text_dims(encoder)
-        tokens = sum(int(s.shape[0]) for s in states) / max(1, len(states))
+        tokens = float(states.lengths.mean()) if len(states) else 0.0
         notes.append(f"reports: {config.text_encoder.name}, frozen, {tokens:.0f} tokens on average "
-                     f"(at most {config.text_encoder.max_tokens}); features ready in {time.perf_counter() - started:.1f} s")
+                     f"(at most {config.text_encoder.max_tokens}); features ready in {time.perf_counter() - started:.1f} s"
+                     + (f" ({encoded})" if encoded else ""))
     splits = {name: PairedSplit(dataset, idx, states) for name, idx in indices.items()}
     return PreparedData(dataset, splits, dims, notes)
 
