@@ -45,3 +45,15 @@ def test_svi_and_particle_benchmarks_print_their_tables(monkeypatch, capsys):
               "--particles", "1", "2", "--threads", "1")
     rows = [line.split() for line in out.strip().splitlines()[-2:]]
     assert [r[0] for r in rows] == ["1", "2"] and all(len(r) == 7 for r in rows)
+
+
+def test_text_store_benchmark_prints_one_line_per_size(monkeypatch, capsys):
+    from benchmarks import bench_text_store
+
+    out = run(monkeypatch, capsys, bench_text_store, "--reports", "40,90", "--width", "8", "--batches", "3",
+              "--batch-size", "4", "--chunk", "32")
+    lines = [line for line in out.strip().splitlines() if not line.startswith("#")]
+    pattern = r"reports=(\d+) peak_rss_mb=([\d.]+) write_mb_s=([\d.]+) read_batches_s=([\d.]+)"
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches) and [int(m.group(1)) for m in matches] == [40, 90]
+    assert all(float(x) > 0 for m in matches for x in m.groups()[1:])

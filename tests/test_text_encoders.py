@@ -1,15 +1,15 @@
-"""Text side: the packaged MiniLM encoder offline, its disk cache, padding and the trainable head."""
+"""Text side: the packaged MiniLM encoder offline, its feature store, padding and the trainable head."""
 
 import socket
 
 import pytest
 import torch
 
+from vkd_pyro.data.text_store import TextFeatureStore
 from vkd_pyro.encoders import text as text_mod
 from vkd_pyro.encoders.text import (
     PACKAGED_TEXT_ENCODER,
     FrozenTextEncoder,
-    TextFeatureCache,
     TextHead,
     pad_token_states,
     resolve_text_model,
@@ -96,47 +96,39 @@ def test_encode_shapes_dtype_and_batching(encoder):
     assert not torch.allclose(batched[0][0].float(), batched[1][0].float(), atol=1e-2)
 
 
-def test_cache_reuses_states_without_running_the_model(encoder, counter, tmp_path):
-    cache = TextFeatureCache(tmp_path)
-    first = cache.get_or_compute(encoder, REPORTS[:3], max_tokens=32)
-    assert sum(counter) == 3
-    again = cache.get_or_compute(encoder, REPORTS[:3], max_tokens=32)
-    assert sum(counter) == 3
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+def test_encode_on_a_device_reports_progress(encoder):
+    done = []
+    states = encoder.encode(REPORTS, max_tokens=24, batch_size=3, device="cpu", progress=done.append)
+    assert done == [3, 1] and encoder.device == torch.device("cpu")
+    assert [tuple(s.shape) for s in states] == [(len(i), 384) for i in encoder.tokenize(REPORTS, 24)]
 
-    # A fresh cache object reads the file from disk: still no model run.
-    fresh = TextFeatureCache(tmp_path).get_or_compute(encoder, list(reversed(REPORTS[:3])), max_tokens=32)
-    assert sum(counter) == 3
-    assert all(torch.equal(a, b) for a, b in zip(first, reversed(fresh)))
+
+def test_store_reuses_states_without_running_the_model(encoder, counter, tmp_path):
+    store = TextFeatureStore.for_encoder(tmp_path, encoder, 32)
+    first, report = store.get_or_compute(encoder, REPORTS[:3])
+    assert sum(counter) == 3 and report.reports == 3 and report.device == "cpu"
+    expected = encoder.encode(REPORTS[:3], max_tokens=32)
+    assert sum(counter) == 6
+    assert all(torch.equal(first[i], expected[i]) for i in range(3))
+    assert first.lengths.tolist() == [s.shape[0] for s in expected]
+    again, report = store.get_or_compute(encoder, REPORTS[:3])
+    assert sum(counter) == 6 and report is None
+    assert all(torch.equal(first[i], again[i]) for i in range(3))
+
+    # A fresh store object reads the files from disk: still no model run.
+    fresh, _ = TextFeatureStore.for_encoder(tmp_path, encoder, 32).get_or_compute(encoder, list(reversed(REPORTS[:3])))
+    assert sum(counter) == 6
+    assert all(torch.equal(first[i], fresh[2 - i]) for i in range(3))
 
     # Only the missing text is computed; duplicates are computed once.
-    mixed = cache.get_or_compute(encoder, [REPORTS[3], REPORTS[0], REPORTS[3]], max_tokens=32)
-    assert sum(counter) == 4
+    mixed, report = store.get_or_compute(encoder, [REPORTS[3], REPORTS[0], REPORTS[3]])
+    assert sum(counter) == 7 and report.reports == 1
     assert torch.equal(mixed[1], first[0]) and torch.equal(mixed[0], mixed[2])
 
-    # max_tokens is part of the key: another value means another file and a model run.
-    cache.get_or_compute(encoder, REPORTS[:1], max_tokens=8)
-    assert sum(counter) == 5
-    files = sorted(p.name for p in (tmp_path / "text").iterdir())
-    assert len(files) == 2 and all(name.endswith(".pt") for name in files)
-
-
-def test_cache_write_is_atomic(encoder, tmp_path, monkeypatch):
-    cache = TextFeatureCache(tmp_path)
-    cache.get_or_compute(encoder, REPORTS[:1], max_tokens=16)
-    path = cache.file_for(encoder.identity, 16)
-    before = path.read_bytes()
-
-    def broken_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(text_mod.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        cache.get_or_compute(encoder, REPORTS[1:2], max_tokens=16)
-    assert path.read_bytes() == before  # the old file is intact
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    # max_tokens is part of the key: another value means another store folder and a model run.
+    TextFeatureStore.for_encoder(tmp_path, encoder, 8).get_or_compute(encoder, REPORTS[:1])
+    assert sum(counter) == 8
+    assert len(list((tmp_path / "text").iterdir())) == 2
 
 
 def test_uncached_hub_id_and_missing_folder_raise(tmp_path):

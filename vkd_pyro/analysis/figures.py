@@ -27,9 +27,14 @@ import csv
 from pathlib import Path
 from typing import Optional, Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.manifold import TSNE
 from torch import nn
+from transformers import AutoTokenizer
 
 from vkd_pyro.analysis.diagnostics import (
     collapse_report,
@@ -52,15 +57,6 @@ TSNE_MAX_RECORDS = 2000
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # --------------------------------------------------------------------------- t-SNE (Fig. 2)
 
 
@@ -78,8 +74,6 @@ def primary_classes(labels: np.ndarray, classes: Sequence[str] = CLASSES) -> lis
 def tsne_embedding(points: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-d t-SNE (scikit-learn, PCA init) with perplexity min(30, (N - 1) / 3), at least 2 (N >= 4);
     the exact gradient up to 300 records, Barnes-Hut above."""
-    from sklearn.manifold import TSNE
-
     points = np.asarray(points, dtype=np.float64)
     if len(points) < 4:
         raise UserError(f"t-SNE needs at least 4 records, the split has {len(points)}")
@@ -91,11 +85,11 @@ def tsne_embedding(points: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def plot_tsne(panels: Sequence[tuple[str, np.ndarray, Sequence[Optional[str]]]], path: Path) -> None:
     """One scatter per (title, embedding (N, 2), class name per point), shared colours and legend."""
-    plt = _plt()
     present = [c for c in CLASSES if any(c in names for _, _, names in panels)]
-    cmap = plt.get_cmap("tab20")
+    cmap = matplotlib.colormaps.get_cmap("tab20")
     colours = {c: cmap(CLASSES.index(c) % 20) for c in present}
-    fig, axs = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 5.0), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels) + 1.8, 5.0))
+    axs = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, emb, names) in zip(axs[0], panels):
         names = list(names)
         none = [i for i, n in enumerate(names) if n is None]
@@ -119,7 +113,6 @@ def plot_tsne(panels: Sequence[tuple[str, np.ndarray, Sequence[Optional[str]]]],
     fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5.2 * len(panels) + 1.8), 0.95))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- Grad-CAM (Fig. 3, image)
@@ -180,9 +173,6 @@ def grad_cam(module, images: torch.Tensor, class_index: Sequence[int] | torch.Te
 
 def load_tokenizer(name: str):
     """The frozen text encoder's tokenizer, offline."""
-    from transformers import AutoTokenizer
-
-
     return AutoTokenizer.from_pretrained(resolve_text_model(name), local_files_only=True)
 
 
@@ -222,11 +212,10 @@ def merge_wordpieces(tokens: Sequence[str], weights: Sequence[float],
 
 def draw_words(ax, words: Sequence[str], shades: Sequence[float], fontsize: float = 9.0) -> None:
     """Words left to right, wrapped at the axes' width, each on a background of Reds(shade in [0, 1])."""
-    plt = _plt()
     ax.axis("off")
     renderer = ax.figure.canvas.get_renderer()
     box = ax.get_window_extent(renderer)
-    cmap = plt.get_cmap("Reds")
+    cmap = matplotlib.colormaps.get_cmap("Reds")
     x, y, line, space = 0.0, 1.0, None, None
     for word, shade in zip(words, shades):
         text = ax.text(x, y, word, transform=ax.transAxes, fontsize=fontsize, va="top", ha="left",
@@ -249,8 +238,7 @@ def draw_words(ax, words: Sequence[str], shades: Sequence[float], fontsize: floa
 def plot_record(image: np.ndarray, cam: Optional[np.ndarray], words: Sequence[str], weights: Optional[Sequence[float]],
                 title: str, cam_title: str, path: Path) -> None:
     """Fig. 3 for one record: the radiograph with the Grad-CAM overlay, the report shaded by weight."""
-    plt = _plt()
-    fig = plt.figure(figsize=(11.5, 4.6))
+    fig = Figure(figsize=(11.5, 4.6))
     ax_img = fig.add_axes((0.02, 0.06, 0.34, 0.80))
     ax_txt = fig.add_axes((0.40, 0.06, 0.58, 0.76))
     ax_img.imshow(image, cmap="gray", vmin=0, vmax=1)
@@ -271,7 +259,6 @@ def plot_record(image: np.ndarray, cam: Optional[np.ndarray], words: Sequence[st
     fig.suptitle(title, fontsize=10)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 def choose_records(labels: np.ndarray, count: int) -> list[int]:
@@ -286,9 +273,6 @@ def choose_records(labels: np.ndarray, count: int) -> list[int]:
 
 def plot_training_curves(history_csv: Path, path: Path) -> None:
     """loss, image NLL, text NLL, KL, beta and validation macro AUC per epoch from history.csv."""
-    plt = _plt()
-    from matplotlib.ticker import MaxNLocator
-
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -297,7 +281,8 @@ def plot_training_curves(history_csv: Path, path: Path) -> None:
     panels = [("loss", "loss (minus Eq. 8)"), ("image_nll", "image NLL"), ("text_nll", "text NLL (L_MI)"),
               ("kl", "KL(q || p), unweighted"), ("beta", "beta (mean over the epoch)"),
               ("val_macro_auc", "validation macro AUC")]
-    fig, axs = plt.subplots(2, 3, figsize=(12, 6.2))
+    fig = Figure(figsize=(12, 6.2))
+    axs = fig.subplots(2, 3)
     for ax, (column, label) in zip(axs.flat, panels):
         values = [float(r[column]) if r.get(column) not in (None, "") else np.nan for r in rows]
         ax.plot(epochs, values, marker="o", ms=3)
@@ -309,13 +294,12 @@ def plot_training_curves(history_csv: Path, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 def plot_latent_units(report: dict, path: Path) -> None:
     """Posterior collapse: per-dimension variance of the means (sorted) and mean KL per dimension."""
-    plt = _plt()
-    fig, axs = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axs = fig.subplots(1, 2)
     ax = axs[0]
     for name, colour in (("guide", "tab:red"), ("prior", "tab:blue")):
         if f"{name}_mean_variance" in report:
@@ -340,14 +324,13 @@ def plot_latent_units(report: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 def plot_reliability(calibration: dict, path: Path) -> None:
     """Reliability diagram: frequency of positives against mean probability per bin, with the ECE."""
-    plt = _plt()
     table = [b for b in calibration["table"] if b["count"]]
-    fig, axs = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    axs = fig.subplots(1, 2)
     ax = axs[0]
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.plot([b["confidence"] for b in table], [b["frequency"] for b in table], marker="o")
@@ -363,7 +346,6 @@ def plot_reliability(calibration: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- all figures of a run

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
 from vkd_pyro.analysis.runs import load_run
@@ -283,14 +284,10 @@ def _x_axis(axes: Sequence[Axis]) -> Optional[int]:
 def plot_sweep(rows: Sequence[dict], axes: Sequence[Axis], path: Path, title: str = "") -> None:
     """Macro AUC, wall seconds and steps/s against the (first sample-count or numeric) grid key, one
     line per combination of the other keys, error bars = std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("macro_auc", "test macro AUC"), ("wall_seconds", "wall seconds per run"),
               ("steps_per_second", "training steps / s")]
-    fig, axs = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    fig = Figure(figsize=(4.6 * len(panels), 3.8))
+    axs = fig.subplots(1, len(panels))
     xi = _x_axis(axes)
     if xi is None:  # no grid: one point per metric
         for ax, (column, label) in zip(axs, panels):
@@ -336,11 +333,8 @@ def plot_sweep(rows: Sequence[dict], axes: Sequence[Axis], path: Path, title: st
             axs[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 @dataclass

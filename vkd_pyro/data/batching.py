@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vkd_pyro.data.text_store import TokenStates
 from vkd_pyro.encoders.text import pad_token_states
 
 
@@ -41,23 +42,27 @@ class Batch:
 class PairedSplit(Dataset):
     """One split of a dataset: its records' image, labels and (when given) frozen report states.
 
-    `base[i]` is a torchxrayvision-style dict with "img" (1,H,W) and "lab" (C,); `token_states[i]`,
-    when given, is the frozen encoder's (n_tokens, H) output for record i's report.
+    `base[i]` is a torchxrayvision-style dict with "img" (1,H,W) and "lab" (C,); `token_states`, when
+    given, is a `TokenStates` view of the text feature store over all records of `base`: item i is
+    the frozen encoder's (n_tokens, H) output for record i's report, read from the store's file
+    when the item is asked for (no split ever holds all states in memory).
     """
 
-    def __init__(self, base: Dataset, indices: Sequence[int], token_states: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(self, base: Dataset, indices: Sequence[int], token_states: Optional[TokenStates] = None):
         self.base = base
         self.indices = np.asarray(indices, dtype=np.int64)
+        if token_states is not None and not isinstance(token_states, TokenStates):
+            raise TypeError("PairedSplit: token_states must be a TokenStates view of a text feature store")
         self.token_states = token_states
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def token_lengths(self) -> Optional[list[int]]:
-        """The report length (tokens) of each record of the split, or None without reports."""
+        """The report length (tokens) of each record of the split, from the store's index, or None without reports."""
         if self.token_states is None:
             return None
-        return [int(self.token_states[int(i)].shape[0]) for i in self.indices]
+        return self.token_states.lengths[self.indices].tolist()
 
     def __getitem__(self, i: int) -> dict:
         idx = int(self.indices[i])

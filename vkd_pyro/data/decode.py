@@ -139,9 +139,9 @@ def _pydicom():
     except ImportError:
         return None
     try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut  # optional, as above
     except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # optional, as above
     return pydicom, apply_modality_lut, apply_voi_lut
 
 

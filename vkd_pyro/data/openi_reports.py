@@ -7,6 +7,7 @@ Each `ecgen-radiology/<n>.xml` holds one report: `uId id="CXR<n>"`, `AbstractTex
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tarfile
 import xml.etree.ElementTree as ET
@@ -59,8 +60,6 @@ class Report:
 def xrv_datapath() -> Path:
     """torchxrayvision's data folder (`torchxrayvision.datasets.datapath`), found without importing
     the package, which takes seconds."""
-    import importlib.util
-
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("torchxrayvision is not installed: it ships the OpenI reports and view tables "

@@ -79,6 +79,9 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.ndimage import gaussian_filter
 
 from vkd_pyro.data.openi_reports import MeshTerm
 
@@ -856,8 +859,6 @@ QUANTUM_NOISE = 2.0
 
 def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
     """Separable Gaussian blur (sigma in pixels), edges reflected."""
-    from scipy.ndimage import gaussian_filter
-
     return gaussian_filter(img, sigma=sigma_px, mode="reflect").astype(_F32)
 
 
@@ -942,9 +943,6 @@ def contact_sheet(images: Sequence[np.ndarray], titles: Sequence[str], path, col
     """Write a PNG grid of `images` (grey uint8, any sizes) to `path`, each under its title (class
     names abbreviated, wrapped to three short lines).  Uses matplotlib's Agg canvas directly, so
     no GUI backend and no pyplot state are touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     images = list(images)
     titles = list(titles) + [""] * max(0, len(images) - len(titles))
     n = max(len(images), 1)

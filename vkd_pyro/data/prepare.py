@@ -2,7 +2,7 @@
 
 `prepare_data(config)` builds the dataset `data.name` names, splits it by group (or by its official
 split), and, for objectives that read the reports, runs the frozen text encoder once over every
-report (cached on disk, `vkd_pyro.encoders.text`). The result pairs each split's records with their
+report (stored on disk, `vkd_pyro.data.text_store`). The result pairs each split's records with their
 token states (`vkd_pyro.data.batching.PairedSplit`) and carries one line per step for the log.
 """
 
@@ -12,12 +12,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from vkd_pyro.config import Config
 from vkd_pyro.data.batching import PairedSplit
 from vkd_pyro.data.card import dataset_card
 from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.data.splits import dataset_splits, reduce_train
-from vkd_pyro.encoders.text import FrozenTextEncoder, TextFeatureCache
+from vkd_pyro.data.text_store import TextFeatureStore
+from vkd_pyro.encoders.text import FrozenTextEncoder
 
 
 @dataclass
@@ -38,8 +41,9 @@ def text_dims(encoder: FrozenTextEncoder) -> dict:
             "intermediate_size": encoder.intermediate_size}
 
 
-def prepare_data(config: Config, with_reports: bool = True) -> PreparedData:
-    """Dataset, split by group, and (for objectives with a guide) cached frozen report states."""
+def prepare_data(config: Config, with_reports: bool = True, device: Optional[torch.device] = None) -> PreparedData:
+    """Dataset, split by group, and (for objectives with a guide) the frozen report states, encoded
+    once on `device` (the run's; default the CPU) into the on-disk text feature store."""
     dataset = build_dataset(config)
     indices = dataset_splits(dataset, config.data.split, config.data.split_seed)  # official split if any
     indices, fraction_note = reduce_train(indices, dataset.groups, config.data.train_fraction, config.data.split_seed)
@@ -51,14 +55,15 @@ def prepare_data(config: Config, with_reports: bool = True) -> PreparedData:
     states, dims, identity = None, None, None
     if with_reports and config.inference.uses_reports:
         encoder = FrozenTextEncoder(config.text_encoder.name)
-        cache = TextFeatureCache(config.resolved_cache_dir())
+        store = TextFeatureStore.for_encoder(config.resolved_cache_dir(), encoder, config.text_encoder.max_tokens)
         started = time.perf_counter()
-        states = cache.get_or_compute(encoder, dataset.texts, config.text_encoder.max_tokens)
+        states, encoded = store.get_or_compute(encoder, dataset.texts, device=device)
         dims = text_dims(encoder)
         identity = {"name": config.text_encoder.name, "path": str(encoder.path), "identity": encoder.identity,
                     "max_tokens": config.text_encoder.max_tokens}
-        tokens = sum(int(s.shape[0]) for s in states) / max(1, len(states))
+        tokens = float(states.lengths.mean()) if len(states) else 0.0
         notes.append(f"reports: {config.text_encoder.name}, frozen, {tokens:.0f} tokens on average "
-                     f"(at most {config.text_encoder.max_tokens}); features ready in {time.perf_counter() - started:.1f} s")
+                     f"(at most {config.text_encoder.max_tokens}); features ready in {time.perf_counter() - started:.1f} s"
+                     + (f" ({encoded})" if encoded else ""))
     splits = {name: PairedSplit(dataset, idx, states) for name, idx in indices.items()}
     return PreparedData(dataset, splits, dims, notes, dataset_card(dataset, indices, config), identity)

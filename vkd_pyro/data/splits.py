@@ -79,7 +79,7 @@ def reduce_train(indices: dict[str, np.ndarray], groups: Sequence[str], fraction
 def split_record_ids(split) -> list[str]:
     """The names of a split's records, in split order: the dataset's `csv["record"]` column when it
     has one (an image id of the real datasets), else its groups (the report id of openi_phantom,
-    one record per report). `split` is a `vkd_pyro.batching.PairedSplit`."""
+    one record per report). `split` is a `vkd_pyro.data.batching.PairedSplit`."""
     base = split.base
     csv = getattr(base, "csv", None)
     if csv is not None and "record" in getattr(csv, "columns", ()):

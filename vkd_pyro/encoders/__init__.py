@@ -4,7 +4,7 @@
 features (B, F) -- the x_I of the conditional prior p(z_I | x_I) and the classifier.
 
 `vkd_pyro.encoders.text`: a frozen BERT-style encoder (ClinicalBERT in the paper, all-MiniLM-L6-v2
-offline here), a disk cache of its token states, and the single trainable Transformer encoder block
+offline here) and the single trainable Transformer encoder block
 on top of them -- the x_T of the variational posterior q(z_T | x_T).
 """
 
@@ -12,7 +12,6 @@ from vkd_pyro.encoders.image import IMAGE_ENCODERS, build_image_encoder
 from vkd_pyro.encoders.text import (
     PACKAGED_TEXT_ENCODER,
     FrozenTextEncoder,
-    TextFeatureCache,
     TextHead,
     pad_token_states,
     resolve_text_model,
@@ -23,7 +22,6 @@ __all__ = [
     "build_image_encoder",
     "PACKAGED_TEXT_ENCODER",
     "FrozenTextEncoder",
-    "TextFeatureCache",
     "TextHead",
     "pad_token_states",
     "resolve_text_model",

@@ -34,6 +34,8 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+import torchvision
+import torchxrayvision as xrv
 from torch import nn
 
 from vkd_pyro.errors import UserError
@@ -70,8 +72,6 @@ class DenseNet121Encoder(nn.Module):
     def __init__(self, mean: float = IMAGENET_GREY_MEAN, std: float = IMAGENET_GREY_STD,
                  memory_efficient: bool = False):
         super().__init__()
-        import torchvision
-
         features = torchvision.models.densenet121(weights=None, memory_efficient=memory_efficient).features
         conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(conv0.weight)  # torchvision's own init for its convolutions
@@ -131,16 +131,12 @@ def imagenet_weights_file() -> tuple[Path, str]:
     The file is `$TORCH_HOME/hub/checkpoints/<file name of the url>` (torch.hub.get_dir()), read
     at call time so that TORCH_HOME set later is honoured.
     """
-    import torchvision
-
     url = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path), url
 
 
 def xrv_weights_file(name: str = XRV_WEIGHTS_NAME) -> tuple[Path, str]:
     """Where torchxrayvision looks for the weights `name` (its get_weights), and their url."""
-    import torchxrayvision as xrv
-
     url = xrv.models.model_urls[name]["weights_url"]
     folder = Path(os.path.expanduser(xrv.utils.get_cache_dir()))
     return folder / os.path.basename(url), url
@@ -216,8 +212,6 @@ def _load_xrv(encoder: DenseNet121Encoder, name: str = XRV_WEIGHTS_NAME) -> None
     if not file.is_file():
         raise UserError(f"torchxrayvision weights {name} are not on this machine and cannot be downloaded: "
                         f"put {file.name} (from {url}) into {file.parent}/, or pass the path of a state dict")
-    import torchxrayvision as xrv
-
     # The file exists, so torchxrayvision's get_weights returns it without touching the network.
     try:
         model = xrv.models.DenseNet(weights=name)

