@@ -2,11 +2,13 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import vkd_pyro
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.cli import main
@@ -97,3 +99,40 @@ def test_overrides_may_follow_flags(capsys):
 def test_predict_on_a_missing_image(run_dir, capsys):
     assert main(["predict", "--run", str(run_dir), "missing.png"]) == 2
     assert "missing.png: image not found" in capsys.readouterr().err
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real-radiographs" / "nih_00027426_000.png"
+
+
+@pytest.fixture
+def bit_depths(tmp_path):
+    """The real NIH radiograph as an 8-bit PNG and as a 12-bit radiograph stored in a 16-bit PNG."""
+    if not REAL.is_file():
+        pytest.skip(f"{REAL} is missing (the real radiograph sits in ../shared/real-radiographs beside the repo)")
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    grey = np.asarray(Image.open(REAL).convert("L"))
+    Image.fromarray(grey).save(folder / "eight.png")
+    twelve = (grey.astype(np.uint16) * 4095 // 255).astype(np.uint16)  # 12 bits of 16
+    Image.fromarray(twelve).save(folder / "sixteen.png")
+    assert Image.open(folder / "sixteen.png").mode.startswith("I")
+    return folder
+
+
+def test_a_16_bit_png_predicts_as_its_8_bit_rendering(run_dir, bit_depths, tmp_path, capsys):
+    """Through `vkd-pyro predict FOLDER --csv` and through load_run(...).predict: the same prediction
+    within Monte Carlo noise (S = 400 prior samples: the spread of a mean is std / 20)."""
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(run_dir), "--samples", "400", "--device", "cpu", str(bit_depths),
+                 "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [Path(r["image"]).name for r in rows] == ["eight.png", "sixteen.png"]  # one row per image
+    assert set(rows[0]) == {"image"} | set(CLASSES) | {f"{c} std" for c in CLASSES}
+    for c in CLASSES:
+        p8, p16 = float(rows[0][c]), float(rows[1][c])
+        noise = (float(rows[0][f"{c} std"]) + float(rows[1][f"{c} std"])) / 20
+        assert abs(p8 - p16) <= 4 * noise + 0.01, c
+    prediction = vkd_pyro.load_run(run_dir).predict(str(bit_depths / "*.png"), samples=400)
+    assert [Path(p).name for p in prediction.images] == ["eight.png", "sixteen.png"]
+    gap = np.abs(prediction.probability[0] - prediction.probability[1])
+    assert (gap <= 4 * prediction.std.mean(0) / 20 + 0.01).all()

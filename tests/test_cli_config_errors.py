@@ -9,6 +9,7 @@ contract of the command, one subprocess per kind of mistake.
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,9 @@ def snapshot(root: Path) -> dict:
 def run_train(tmp_path: Path, config: Path, **env_changes) -> tuple[int, str]:
     """`python -m vkd_pyro train --config CONFIG --out <existing run folder>` in tmp_path; (status, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "HOME": str(tmp_path / "home"), "VKD_PYRO_CACHE": str(tmp_path / "cache"), **env_changes}
+           "HOME": str(tmp_path / "home"), "VKD_PYRO_CACHE": str(tmp_path / "cache"),
+           # matplotlib's font cache (built on first import) lives outside the folder under test
+           "MPLCONFIGDIR": str(Path(tempfile.gettempdir()) / "vkd-pyro-tests-matplotlib"), **env_changes}
     done = subprocess.run([sys.executable, "-m", "vkd_pyro", "train", "--config", str(config),
                            "--out", str(tmp_path / "run")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.manifold import TSNE
@@ -239,6 +240,7 @@ def plot_record(image: np.ndarray, cam: Optional[np.ndarray], words: Sequence[st
                 title: str, cam_title: str, path: Path) -> None:
     """Fig. 3 for one record: the radiograph with the Grad-CAM overlay, the report shaded by weight."""
     fig = Figure(figsize=(11.5, 4.6))
+    FigureCanvasAgg(fig)  # draw_words measures text with the Agg renderer
     ax_img = fig.add_axes((0.02, 0.06, 0.34, 0.80))
     ax_txt = fig.add_axes((0.40, 0.06, 0.58, 0.76))
     ax_img.imshow(image, cmap="gray", vmin=0, vmax=1)
