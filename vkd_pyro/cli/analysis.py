@@ -34,6 +34,9 @@ def add_analysis_commands(commands) -> None:
     _add_run_options(sweep, "seeds per grid point: seed, seed+1, ... (default 1)", "sweep folder")
     sweep.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                        help="a config key and its values (repeat for more keys), e.g. inference.num_particles=1,4,16")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="a run folder holds a run with other settings: move its files into "
+                       "<folder>/.replaced-<time>/ and train it again (without: refused)")
 
     ablate = commands.add_parser(
         "ablate", help="the paper's ablations (Table 2 or 3) as a sweep, in the paper's layout",
@@ -91,7 +94,7 @@ def _cmd_sweep(args) -> None:
     if not args.grid:
         raise UserError("sweep: give at least one --grid key=v1,v2,...")
     result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
-                       progress=False if args.no_progress else None)
+                       progress=False if args.no_progress else None, overwrite=args.overwrite)
     if result.rows:
         print("\n" + (Path(args.out) / "sweep.md").read_text())
     if result.failed:
