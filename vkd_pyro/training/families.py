@@ -10,7 +10,8 @@ options in `model.prior_options` / `model.guide_options` (over the registry's de
 The KL term of Eq. 8 is analytic where `kl_divergence(q, p)` is registered (Pyro's, torch's and
 `vkd_pyro.models.distributions`' pairs) and the Monte Carlo log q(z) - log p(z) at the guide's z
 otherwise. A config read from a run folder (evaluate, predict, train --resume) imports a family by
-its path only when the user trusts that run's code (:func:`check_trusted`, `--trust-code`). The meanfield estimator promises an analytic KL, so it refuses a pairing without one
+its path only when the user trusts that run's code (:func:`check_trusted`, `--trust-code`).
+The meanfield estimator promises an analytic KL, so it refuses a pairing without one
 (:func:`require_analytic_kl`) rather than fall back silently on Monte Carlo.
 """
 
