@@ -137,7 +137,8 @@ def load_run(run_dir, device: str = "cpu", trust_code: bool = False) -> Run:
     config = load_config(folder / "config.yaml")
     config.device = device
     record = read_record(folder)
-    if record is not None and record.get("status") in ("running", "failed") and not (folder / "checkpoint.pt").is_file():
+    unfinished = record is not None and record.get("status") in ("running", "failed")
+    if unfinished and not (folder / "checkpoint.pt").is_file():
         raise UserError(f"{folder}: run {record['run_id']} is {record['status']}"
                         + (f" ({record['reason']})" if record.get("reason") else "")
                         + " and has written no checkpoint.pt (it is written at the end of the first epoch)")

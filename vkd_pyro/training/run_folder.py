@@ -67,7 +67,8 @@ def config_hash(config: Config, length: int = 8) -> str:
 
 def default_run_folder(config_path: os.PathLike, config: Config) -> Path:
     """runs/<config name>-<objective>-seed<seed>-<config_hash>: two configs, two folders."""
-    return Path("runs") / f"{Path(config_path).stem}-{config.inference.objective}-seed{config.seed}-{config_hash(config)}"
+    name = f"{Path(config_path).stem}-{config.inference.objective}-seed{config.seed}-{config_hash(config)}"
+    return Path("runs") / name
 
 
 def open_run_id(folder: os.PathLike) -> Optional[str]:
