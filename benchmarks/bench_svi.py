@@ -16,8 +16,7 @@ Prints ms per step (median of timed rounds, the sides taking turns) and the rati
 (target: at most 1.05). "Pyro eager" is the same module with the diagonal Gaussians as pyro's own
 Normal instead of the families' `vkd_pyro.models.distributions.BroadcastNormal` (identical values; the eager
 one computes its log densities on the L-fold expanded parameters). `--validation` also times Pyro with its
-argument checks on (Pyro's default; vkd_pyro.training.loop turns them off); `--jit` the compiled ELBO
-(`inference.elbo: jit_trace`, vkd_pyro.compiled); `--unfused` both sides with torch's default Adam
+argument checks on (Pyro's default; vkd_pyro.training.loop turns them off); `--unfused` both sides with torch's default Adam
 (one parameter at a time on the CPU) instead of the fused Adam of `vkd_pyro.training.loop.adam`.
 
     .venv/bin/python benchmarks/bench_svi.py [--rounds 15] [--per-round 10] [--threads 2]
@@ -37,7 +36,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
-from vkd_pyro.inference.elbo import make_elbo  # noqa: E402
 from vkd_pyro.training.loop import TrainStep, adam  # noqa: E402
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -90,7 +88,6 @@ def hand_stepper(module, optimizer, batch, beta: float, particles: int):
 def main() -> None:
     parser = timing_parser(__doc__.split("\n\n")[0], particles_help="L = M values")
     parser.add_argument("--validation", action="store_true", help="also time Pyro with validation on")
-    parser.add_argument("--jit", action="store_true", help="also time the jit_trace ELBO")
     parser.add_argument("--unfused", action="store_true", help="also time both sides with the unfused Adam")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,8 +97,6 @@ def main() -> None:
     header = f"{'L = M':>6} {'Pyro ms':>9} {'Pyro eager ms':>14} {'PyTorch ms':>11} {'ratio':>7} {'ratio eager':>12}"
     if args.validation:
         header += f" {'Pyro+validation ms':>19}"
-    if args.jit:
-        header += f" {'Pyro jit ms':>12} {'ratio jit':>10}"
     if args.unfused:
         header += f" {'Pyro unfused ms':>16} {'PyTorch unfused ms':>19} {'ratio unfused':>14}"
     print(header)
@@ -121,10 +116,6 @@ def main() -> None:
                  "torch": hand_stepper(hand, hand_optimizer, batch, beta, particles)}
         if args.validation:
             steps["validated"] = pyro_stepper(step, batch, beta, validation=True)
-        if args.jit:
-            compiled = copy.deepcopy(module)
-            compiled.elbo = make_elbo("jit_trace", particles)
-            steps["jit"] = pyro_stepper(TrainStep(compiled, compiled, adam(compiled, lr=1e-4)), batch, beta)
         if args.unfused:
             loop_module, loop_hand = copy.deepcopy(module), copy.deepcopy(hand)
             loop_step = TrainStep(loop_module, loop_module, torch.optim.Adam(loop_module.parameters(), lr=1e-4))
@@ -136,8 +127,6 @@ def main() -> None:
                 f"{ms['pyro'] / ms['torch']:>7.3f} {ms['eager'] / ms['torch']:>12.3f}")
         if args.validation:
             line += f" {ms['validated']:>19.2f}"
-        if args.jit:
-            line += f" {ms['jit']:>12.2f} {ms['jit'] / ms['torch']:>10.3f}"
         if args.unfused:
             line += (f" {ms['pyro unfused']:>16.2f} {ms['torch unfused']:>19.2f} "
                      f"{ms['pyro unfused'] / ms['torch unfused']:>14.3f}")

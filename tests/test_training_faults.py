@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_overrides({"image_encoder.width": 4, "image_encoder.out_features": 16, "text_encoder.block_heads": None,
                        "text_encoder.block_ffn": None, "train.batch_size": 8, "train.max_epochs": 2,
                        "train.patience": 5})
-TIMING_KEYS = {"train_seconds", "steps_per_second", "train_steps", "provenance"}  # how and when it ran
+TIMING_KEYS = {"train_seconds", "steps_per_second", "train_steps", "run_id", "provenance"}  # and who, when
 
 
 @pytest.fixture(autouse=True)
@@ -201,11 +201,13 @@ def test_nan_stops_the_run_naming_step_and_term_and_keeps_the_last_good_state(tm
 def test_exploding_learning_rate_is_one_clear_line(tmp_path, capsys, config_file):
     code = main(["train", "--config", str(config_file), "--out", str(tmp_path), "train.lr=1e30"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 3  # a diverged run has its own status (2 is a bad input)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert re.search(r"training diverged at epoch \d+, step \d+", lines[0])
     assert _names_in(lines[0]) & {"loss", "image_nll", "text_nll", "kl", "gradient norm"}
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] == "failed" and record["reason"].startswith("diverged: training diverged at epoch")
 
 
 def test_speed_options_and_periodic_checkpoints_run(tmp_path, config_file):

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints their message on one line and exits with status 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with status 2 (3 for
+TrainingDiverged, so that scripts can tell a diverged run from a bad input)."""
 
 
 class UserError(Exception):
@@ -14,7 +15,9 @@ class DataError(UserError):
 
 
 class TrainingDiverged(UserError):
-    """A loss term or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+    """A loss term or the gradient norm became NaN or infinite; the last good checkpoint is kept.
+
+    A UserError (one line, no traceback; a sweep reports it and goes on), with its own exit status 3."""
 
 
 class Interrupted(Exception):

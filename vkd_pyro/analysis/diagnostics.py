@@ -317,9 +317,10 @@ def collapse_report(stats: dict, threshold: float = ACTIVE_THRESHOLD) -> dict:
 
 
 def diagnose(run_dir, split: str = "test", is_samples: int = DEFAULT_IS_SAMPLES, bins: int = DEFAULT_BINS,
-             seed: int = 0) -> dict:
-    """Write `<run>/diagnostics.json` (diagnostics_<split>.json for other splits) and return it."""
-    run = load_run(run_dir)
+             seed: int = 0, trust_code: bool = False) -> dict:
+    """Write `<run>/diagnostics.json` (diagnostics_<split>.json for other splits) and return it.
+    trust_code: import a prior or guide the run's config names by import path (`load_run`)."""
+    run = load_run(run_dir, trust_code=trust_code)
     data = prepare_data(run.config)
     module, device = run.module, run.device
     part = data.splits[split]

@@ -370,12 +370,13 @@ def _run_title(run, folder) -> str:
 
 
 def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, samples: Optional[int] = None,
-                 say=print) -> list[Path]:
-    """Write the figures of the module docstring into <run_dir>/figures/ and return their paths."""
+                 say=print, trust_code: bool = False) -> list[Path]:
+    """Write the figures of the module docstring into <run_dir>/figures/ and return their paths.
+    trust_code: import a prior or guide the runs' configs name by import path (`load_run`)."""
     if records < 0:
         raise UserError(f"--records: must be >= 0, got {records}")
     folder = Path(run_dir)
-    run = load_run(str(folder))
+    run = load_run(str(folder), trust_code=trust_code)
     config, module, device = run.config, run.module, run.device
     data = prepare_data(config)
     test = data.splits["test"]
@@ -390,7 +391,7 @@ def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, sampl
     means, labels = _test_prior_means(run, data)
     panels = [(_run_title(run, folder), tsne_embedding(means), primary_classes(labels))]
     if compare:
-        other = load_run(str(compare))
+        other = load_run(str(compare), trust_code=trust_code)
         other_data = prepare_data(other.config, with_reports=False)
         other_means, other_labels = _test_prior_means(other, other_data)
         panels.append((_run_title(other, compare), tsne_embedding(other_means), primary_classes(other_labels)))

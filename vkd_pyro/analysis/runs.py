@@ -28,7 +28,9 @@ from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.training.build import build_module
 from vkd_pyro.training.checkpoint import load_checkpoint
 from vkd_pyro.training.evaluate import predict_split, split_metrics
+from vkd_pyro.training.families import check_trusted
 from vkd_pyro.training.loop import resolve_device
+from vkd_pyro.training.run_folder import check_loadable, read_record
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 
@@ -121,15 +123,28 @@ class Run:
                               "val_macro_auc": self.checkpoint.get("val_macro_auc")})
 
 
-def load_run(run_dir, device: str = "cpu") -> Run:
+def load_run(run_dir, device: str = "cpu", trust_code: bool = False) -> Run:
     """The run in folder `run_dir` (config.yaml + checkpoint.pt) on `device` (cpu, cuda or auto), in
-    eval mode. A run trained on a GPU loads on a CPU: the weights are read to the CPU first."""
+    eval mode. A run trained on a GPU loads on a CPU: the weights are read to the CPU first.
+
+    One-line UserError when the weights and the config are not the same run's, or another process
+    is training it now (vkd_pyro.training.run_folder.check_loadable), and when config.yaml names a
+    prior or guide by an import path and `trust_code` is False (its module is not imported).
+    """
     folder = Path(run_dir)
     if not folder.is_dir():
         raise UserError(f"{folder}: run folder not found (train writes one with --out)")
     config = load_config(folder / "config.yaml")
     config.device = device
+    record = read_record(folder)
+    unfinished = record is not None and record.get("status") in ("running", "failed")
+    if unfinished and not (folder / "checkpoint.pt").is_file():
+        raise UserError(f"{folder}: run {record['run_id']} is {record['status']}"
+                        + (f" ({record['reason']})" if record.get("reason") else "")
+                        + " and has written no checkpoint.pt (it is written at the end of the first epoch)")
     checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    check_loadable(folder, checkpoint)
+    check_trusted(config.model, str(folder / "config.yaml"), trust_code)
     target = resolve_device(device)
     module = build_module(config, checkpoint.get("text_dims"))
     try:

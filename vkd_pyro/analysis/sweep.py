@@ -4,16 +4,21 @@
 
 - every combination of the grid values, for seeds base, base+1, ..., base+N-1 (base = the config's
   `seed`), is trained by :func:`vkd_pyro.training.loop.fit` into ``DIR/runs/<key=value,...>-seed<k>/``;
-- a run is *finished* when its folder holds metrics.json (written last by training). A sweep started
-  again skips the finished runs and trains the others; an interrupted one continues from its resume
-  state last.pt when it has one (`fit(resume=True)`), else starts afresh (its wall time then counts
-  only the resumed part);
+- a run folder that already holds a config.yaml is used again only when that resolved config equals
+  the one the sweep would train (`cache_dir`, `train.progress`, `train.tensorboard` aside); otherwise
+  the sweep refuses before any run starts, naming the first keys that differ, or with `--overwrite`
+  moves that folder's files into `<folder>/.replaced-<time>/` and trains it again;
+- a run is *finished* when run.json says so and metrics.json carries its run id
+  (vkd_pyro.training.run_folder). A sweep started again skips the finished runs and trains the others;
+  an interrupted one continues from its resume state last.pt when it has one (`fit(resume=True)`),
+  else starts afresh (its wall time then counts only the resumed part);
 - after each run the module is evaluated once more on the test split (:func:`vkd_pyro.analysis.diagnostics.
   summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE) and the
   result is kept in the run folder as ``sweep_run.json`` (with the wall time of the run);
 - ``DIR/sweep.csv`` (one row a run) and ``DIR/sweep.md`` (mean and std over seeds per grid point) are
   rebuilt from the run folders after every run, ``DIR/sweep.png`` at the end; each file is replaced
-  atomically.
+  atomically. Their notes say what the runs were from the configs recorded in the run folders, never
+  from the command line.
 
 Grid values are YAML, as in dotted overrides; a value that itself holds commas is bracketed
 (``model.hidden=[16,16],[32]``).
@@ -41,7 +46,9 @@ from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path, write_text
+from vkd_pyro.training import distributed
 from vkd_pyro.training.loop import fit as train_fit
+from vkd_pyro.training.run_folder import config_differences, flatten, folder_lock, move_aside, read_record, run_entries
 
 # Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
 METRIC_COLUMNS = [
@@ -59,6 +66,7 @@ METRIC_COLUMNS = [
 ]
 RUN_SUMMARY = "sweep_run.json"
 IS_SAMPLES = 64  # K for the log p(y|x_I) column (prior proposal)
+NO_EFFECT_KEYS = ("cache_dir", "train.progress", "train.tensorboard")  # where and how visibly a run computes
 
 
 @dataclass
@@ -76,6 +84,9 @@ class PlannedRun:
     seed: int
     overrides: list[str]
     folder: Path
+    config: dict = field(default_factory=dict)  # the resolved config the sweep trains (Config.to_dict())
+    base: dict = field(default_factory=dict)  # the config file's, without overrides
+    source: str = ""  # the config file
 
 
 def split_values(text: str) -> list[str]:
@@ -133,28 +144,94 @@ def run_name(assignment: dict, seed: int) -> str:
 
 
 def plan(config_path: str, axes: Sequence[Axis], seeds: int, out_dir: Path,
-         overrides: Sequence[str] = ()) -> list[PlannedRun]:
-    """Every (grid point, seed) as a PlannedRun; every config is built (validated) before any run starts."""
+         overrides: Sequence[str] = (), overwrite: bool = False) -> list[PlannedRun]:
+    """Every (grid point, seed) as a PlannedRun; every config is built (validated) before any run starts.
+
+    A run folder that holds a config.yaml whose resolved config differs from the one planned for it
+    (NO_EFFECT_KEYS aside) is a UserError naming the folder and the first keys that differ; with
+    `overwrite`, once every folder is checked, its files are moved into `<folder>/.replaced-<time>/`
+    (vkd_pyro.training.run_folder.move_aside) so that the sweep trains it again.
+    """
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
     base = load_config(config_path, overrides).seed
+    file_config = load_config(config_path).to_dict()
     runs, names = [], set()
     for combo in itertools.product(*[axis.texts for axis in axes]):
         assignment = {axis.key: text for axis, text in zip(axes, combo)}
         for k in range(seeds):
             seed = base + k
             extra = list(overrides) + [f"{key}={text}" for key, text in assignment.items()] + [f"seed={seed}"]
-            load_config(config_path, extra)  # raises a one-line ConfigError for a bad key or value
+            config = load_config(config_path, extra)  # raises a one-line ConfigError for a bad key or value
             name = run_name(assignment, seed)
             if name in names:
                 raise UserError(f"--grid: two grid points give the same run folder name {name}")
             names.add(name)
-            runs.append(PlannedRun(name, assignment, seed, extra, Path(out_dir) / "runs" / name))
+            runs.append(PlannedRun(name, assignment, seed, extra, Path(out_dir) / "runs" / name, config.to_dict(),
+                                   file_config, str(config_path)))
+    replace = []
+    for run in runs:
+        differences = _differences(run)
+        if differences and not overwrite:
+            raise UserError(f"{run.folder}: holds a run with other settings ({'; '.join(differences[:3])}"
+                            f"{'; ...' if len(differences) > 3 else ''}); use another --out, or --overwrite to "
+                            f"train it again (its files are moved into {run.folder}/.replaced-<time>/)")
+        if differences:
+            replace.append(run)
+    for run in replace:
+        with folder_lock(run.folder, create=False):
+            target = move_aside(run.folder, run_entries(run.folder))
+        distributed.say(f"--overwrite: {run.name} had other settings; moved its files into {target}")
     return runs
 
 
+def _differences(run: PlannedRun) -> list[str]:
+    """How the config recorded in the run's folder differs from the planned one (empty: none recorded)."""
+    path = run.folder / "config.yaml"
+    if not path.is_file():
+        return []
+    recorded = {k: v for k, v in flatten(load_config(path).to_dict()).items() if k not in NO_EFFECT_KEYS}
+    wanted = {k: v for k, v in flatten(run.config).items() if k not in NO_EFFECT_KEYS}
+    return config_differences(recorded, wanted)
+
+
 def is_finished(folder: Path) -> bool:
-    return (Path(folder) / "metrics.json").is_file()
+    """run.json says the run finished and metrics.json carries its run id (a folder written before
+    run ids, without run.json: metrics.json alone)."""
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return False
+    record = read_record(folder)
+    if record is None:
+        return True
+    if record.get("status") != "finished":
+        return False
+    try:
+        return json.loads(path.read_text()).get("run_id") == record["run_id"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def recorded_notes(runs: Sequence[PlannedRun]) -> list[str]:
+    """What the finished runs were, read from the config.yaml in their folders: the keys whose values
+    differ between them (the grid and the seed) and the settings they share where the config file differs."""
+    configs = [{k: v for k, v in flatten(load_config(r.folder / "config.yaml").to_dict()).items()
+                if k not in NO_EFFECT_KEYS} for r in runs if is_finished(r.folder)]
+    if not configs:
+        return ["no finished runs yet"]
+    keys = sorted(set().union(*configs))
+    varying = {}
+    for key in keys:
+        values = list(dict.fromkeys(json.dumps(c.get(key), default=str) for c in configs))
+        if len(values) > 1:
+            varying[key] = values
+    file_config = flatten(runs[0].base)
+    shared = [f"{k}={json.dumps(configs[0].get(k), default=str)}" for k in keys
+              if k not in varying and configs[0].get(k) != file_config.get(k)]
+    return [f"{len(configs)} finished runs; their settings as recorded in each run folder's config.yaml:",
+            "varying: " + ("; ".join(f"{k} = {', '.join(v)}" for k, v in varying.items()) or "(nothing)"),
+            f"the same in all, unlike {runs[0].source}: " + (", ".join(shared) or "(nothing)")]
 
 
 _PREPARED: dict = {}  # the last PreparedData evaluate_run used, under "data", and its "key"
@@ -162,7 +239,7 @@ _PREPARED: dict = {}  # the last PreparedData evaluate_run used, under "data", a
 
 def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
     """Load a finished run, evaluate the sweep's extra metrics on its test split, write sweep_run.json."""
-    run = load_run(str(folder))
+    run = load_run(str(folder), trust_code=True)  # plan() checked its config is the one the sweep was given
     key = json.dumps([run.config.to_dict()[k] for k in ("data", "text_encoder", "cache_dir")]
                      + [run.config.inference.objective != "image_only"], sort_keys=True, default=str)
     if _PREPARED.get("key") != key:  # the runs of a sweep mostly share their data: prepare it once
@@ -351,7 +428,7 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
     """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders."""
     rows = collect_rows(runs, axes)
     write_csv(rows, axes, out_dir / "sweep.csv")
-    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, notes))
+    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, [*notes, *recorded_notes(runs)]))
     if rows and plot:
         plot_sweep(rows, axes, out_dir / "sweep.png", title)
     return rows
@@ -359,7 +436,7 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
 
 def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overrides: Sequence[str] = (),
               progress: Optional[bool] = False, fit: Optional[Callable] = None,
-              say: Callable[[str], None] = print) -> SweepResult:
+              say: Callable[[str], None] = print, overwrite: bool = False) -> SweepResult:
     """Train the planned runs that are not finished, then (re)write sweep.csv, sweep.md and sweep.png.
 
     `fit` defaults to :func:`vkd_pyro.training.loop.fit` (tests pass a counting wrapper). A run that fails
@@ -368,12 +445,10 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     """
     fit = fit or train_fit
     out_dir = Path(out_dir)
-    runs = plan(config_path, axes, seeds, out_dir, overrides)
+    runs = plan(config_path, axes, seeds, out_dir, overrides, overwrite)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    grid_text = "; ".join(f"{a.key} = {', '.join(a.texts)}" for a in axes) or "(none)"
     title = f"Sweep of {config_path}"
-    notes = [f"grid: {grid_text}", f"seeds: {seeds} ({', '.join(str(r.seed) for r in runs[:seeds])})",
-             f"overrides: {' '.join(overrides) or '(none)'}"]
+    notes = []  # recorded_notes: from the run folders' configs
     (out_dir / "sweep.json").write_text(json.dumps(
         {"config": str(config_path), "grid": {a.key: a.texts for a in axes}, "seeds": seeds,
          "overrides": list(overrides)}, indent=2))
@@ -392,7 +467,7 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
         config = load_config(config_path, run.overrides)
         started = time.perf_counter()
         try:
-            fit(config, run.folder, progress=progress, **({"resume": True} if resume else {}))
+            fit(config, run.folder, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
         except UserError as exc:
             failed[run.name] = str(exc)
             (run.folder / "error.txt").write_text(str(exc) + "\n")

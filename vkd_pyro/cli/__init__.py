@@ -1,9 +1,11 @@
 """The `vkd-pyro` command line: train, evaluate, predict, render.
 
-A user mistake (a bad config key or value, a missing file, a bad record) prints one line,
-`vkd-pyro: error: ...`, and exits with status 2; no traceback. A training stopped by SIGINT or
-SIGTERM writes its resume state, prints one line with the command that resumes it
-(`vkd-pyro train --resume DIR`) and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
+A user mistake (a bad config key or value, a missing file, a bad record, a run folder that holds
+another run or that another process is writing, a path that cannot be written) prints one line,
+`vkd-pyro: error: ...`, and exits with status 2; no traceback. A diverged training (a NaN or infinite
+loss term) prints one line and exits with status 3. A training stopped by SIGINT or SIGTERM writes
+its resume state, prints one line with the command that resumes it (`vkd-pyro train --resume DIR`)
+and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
 """
 
 from __future__ import annotations
@@ -16,26 +18,30 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import pandas
+import torch
 
-from vkd_pyro.analysis.runs import load_run
+from vkd_pyro.analysis.runs import expand_image_paths, load_run
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.cli.analysis import ANALYSIS_COMMANDS, add_analysis_commands
+from vkd_pyro.cli.analysis import ANALYSIS_COMMANDS, TRUST_HELP, add_analysis_commands
 from vkd_pyro.config import load_config
 from vkd_pyro.data.card import DATA_COMMANDS, add_data_commands
 from vkd_pyro.data.phantom import contact_sheet
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.errors import ConfigError, Interrupted, UserError
+from vkd_pyro.errors import ConfigError, Interrupted, TrainingDiverged, UserError
 from vkd_pyro.files import atomic_path
 from vkd_pyro.training.build import check_families
 from vkd_pyro.training.evaluate import report
 from vkd_pyro.training.loop import fit
 from vkd_pyro.training.resume import resume_config
+from vkd_pyro.training.run_folder import default_run_folder, folder_lock, read_record
 
 DESCRIPTION = (
     "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
     "X-rays paired with reports, diagnose from the X-ray alone."
 )
+
+SAMPLE_FLOATS_SAFETY = 2  # temporaries beside the tensors counted in _check_sample_memory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="DIR",
                        help="continue the interrupted run in DIR from its last.pt (overrides: only run-time keys "
                        "such as train.max_epochs, device, data.num_workers)")
-    train.add_argument("--out", default=None, help="run folder (default runs/<config name>-<objective>-seed<seed>)")
+    train.add_argument("--out", default=None,
+                       help="run folder (default runs/<config name>-<objective>-seed<seed>-<hash of the resolved "
+                       "config>); refused when it holds another run, unless --resume or --overwrite")
+    train.add_argument("--overwrite", action="store_true",
+                       help="the run folder holds another run: move its files into DIR/.replaced-<time>/ and train "
+                       "afresh (nothing is deleted)")
+    train.add_argument("--trust-code", action="store_true",
+                       help="with --resume: import a prior or guide that the run's config.yaml names by an import path")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                           help="where to evaluate (default auto: a GPU when one is visible); any run loads on any device")
+    evaluate.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     predict = commands.add_parser("predict", help="class probabilities for image files, from the image alone",
                                   description="Per-class probability (mean over S prior samples) and its "
@@ -75,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", default=None, metavar="FILE",
                          help="write one row per image: its path, each class's probability and std")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    predict.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     render = commands.add_parser("render", help="write a contact sheet of a dataset's images with their labels")
     render.add_argument("--config", required=True, help="YAML config file")
@@ -98,32 +113,76 @@ def _cmd_train(args) -> None:
 
         if args.config is not None or args.out is not None:
             raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
-        fit(resume_config(args.resume, args.overrides), Path(args.resume), progress=progress, resume=True)
+        if args.overwrite:
+            raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
+        fit(resume_config(args.resume, args.overrides, args.trust_code), Path(args.resume), progress=progress,
+            resume=True)
         return
     if args.config is None:
         raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
     config = load_config(args.config, args.overrides)
     try:
-        check_families(config)  # before any data is read, naming the file as config errors do
-    except ConfigError as exc:
+        check_families(config)
+    except ConfigError as exc:  # the families are resolved after loading: name the file here
         raise ConfigError(f"{args.config}: {exc}") from None
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{config.inference.objective}-seed{config.seed}"
-    fit(config, out, progress=progress)
+    out = Path(args.out) if args.out else default_run_folder(args.config, config)
+    fit(config, out, progress=progress, overwrite=args.overwrite)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory free for tensors now: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_sample_memory(config, samples: int, batch: int, device: torch.device) -> None:
+    """One line (UserError) when S prior samples for a batch of `batch` images would not fit in memory.
+
+    Algorithm 2 is vectorised over the samples: z (S, B, z), the classifier's input [z, x_I] (S, B, z + F),
+    its hidden layers (S, B, h) and the logits and probabilities (S, B, C) exist at once, 4 bytes a float,
+    times SAMPLE_FLOATS_SAFETY for temporaries.
+    """
+    m = config.model
+    floats = 2 * m.z_dim + config.image_encoder.out_features + sum(m.hidden) + 2 * len(CLASSES)
+    need = 4 * samples * batch * floats * SAMPLE_FLOATS_SAFETY
+    have = _available_bytes(device)
+    if need > have:
+        most = max(have // (4 * batch * floats * SAMPLE_FLOATS_SAFETY), 0)
+        raise UserError(f"--samples {samples}: a batch of {batch} images would need about {need / 2**30:,.1f} GiB "
+                        f"for the samples at once, and {device.type} has {have / 2**30:,.1f} GiB available; "
+                        f"lower --samples (at most about {most:,} here) or --batch-size")
 
 
 def _cmd_evaluate(args) -> None:
     _positive(args.samples, "--samples")
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
     data = prepare_data(run.config, with_reports=False)
     samples = args.samples or run.config.inference.test_samples
-    report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
-           {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc")})
+    if args.split not in data.splits or len(data.splits[args.split]) == 0:
+        raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")
+    batch = min(run.config.train.eval_batch_size, len(data.splits[args.split]))
+    _check_sample_memory(run.config, samples, batch, run.device)
+    record = read_record(Path(args.run))
+    with folder_lock(args.run, create=False):  # no training writes the folder meanwhile
+        report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
+               {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc"),
+                "run_id": record["run_id"] if record else None})
 
 
 def _cmd_predict(args) -> None:
     _positive(args.samples, "--samples")
     _positive(args.batch_size, "--batch-size")
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
+    samples = args.samples or run.config.inference.test_samples
+    batch = min(args.batch_size or run.config.train.eval_batch_size, len(expand_image_paths(args.images)))
+    _check_sample_memory(run.config, samples, batch, run.device)
     prediction = run.predict(args.images, args.samples, args.batch_size, progress=sys.stderr.isatty())
     rows = prediction.rows()
     if args.csv:
@@ -178,8 +237,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     try:
         COMMANDS[args.command](args)
+    except TrainingDiverged as exc:  # its own status: the input was valid, the optimisation failed
+        print(f"vkd-pyro: error: {exc}", file=sys.stderr)
+        return 3
     except UserError as exc:
         print(f"vkd-pyro: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused a path (read-only, full, a file where a folder goes)
+        if exc.filename is None:
+            raise
+        print(f"vkd-pyro: error: {exc.filename}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
         return 2
     except Interrupted as exc:  # SIGINT/SIGTERM during training: last.pt written (exit 130 / 143)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process

@@ -14,6 +14,8 @@ from vkd_pyro.analysis.figures import make_figures
 from vkd_pyro.analysis.sweep import parse_grid, run_sweep
 from vkd_pyro.errors import UserError
 
+TRUST_HELP = "import a prior or guide that the run's config.yaml names by an import path (package.module:Name)"
+
 
 def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
     """The options of the commands that train runs as a sweep (sweep, ablate)."""
@@ -34,6 +36,9 @@ def add_analysis_commands(commands) -> None:
     _add_run_options(sweep, "seeds per grid point: seed, seed+1, ... (default 1)", "sweep folder")
     sweep.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                        help="a config key and its values (repeat for more keys), e.g. inference.num_particles=1,4,16")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="a run folder holds a run with other settings: move its files into "
+                       "<folder>/.replaced-<time>/ and train it again (without: refused)")
 
     ablate = commands.add_parser(
         "ablate", help="the paper's ablations (Table 2 or 3) as a sweep, in the paper's layout",
@@ -55,6 +60,7 @@ def add_analysis_commands(commands) -> None:
     diagnose.add_argument("--samples", type=int, default=64, help="K, importance samples for log p(y|x) (default 64)")
     diagnose.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE (default 10)")
     diagnose.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates (default 0)")
+    diagnose.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     compare = commands.add_parser(
         "compare", help="macro-AUC difference of two runs (or sweeps, paired by seed) with a bootstrap interval",
@@ -75,6 +81,7 @@ def add_analysis_commands(commands) -> None:
     figures.add_argument("--compare", default=None, help="a second run folder for the t-SNE (e.g. image_only)")
     figures.add_argument("--records", type=int, default=2, help="records for Fig. 3 (default 2)")
     figures.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
+    figures.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
 def _cmd_compare(args) -> None:
@@ -91,7 +98,7 @@ def _cmd_sweep(args) -> None:
     if not args.grid:
         raise UserError("sweep: give at least one --grid key=v1,v2,...")
     result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
-                       progress=False if args.no_progress else None)
+                       progress=False if args.no_progress else None, overwrite=args.overwrite)
     if result.rows:
         print("\n" + (Path(args.out) / "sweep.md").read_text())
     if result.failed:
@@ -111,7 +118,7 @@ def _cmd_diagnose(args) -> None:
 
     if args.samples < 1 or args.bins < 1:
         raise UserError("--samples and --bins: must be >= 1")
-    result = diagnose(args.run, args.split, args.samples, args.bins, args.seed)
+    result = diagnose(args.run, args.split, args.samples, args.bins, args.seed, trust_code=args.trust_code)
     print(format_diagnostics(result))
     suffix = "" if args.split == "test" else f"_{args.split}"
     print(f"wrote {Path(args.run) / f'diagnostics{suffix}.json'}")
@@ -121,7 +128,7 @@ def _cmd_figures(args) -> None:
 
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples: must be >= 1, got {args.samples}")
-    make_figures(args.run, args.compare, args.records, args.samples)
+    make_figures(args.run, args.compare, args.records, args.samples, trust_code=args.trust_code)
 
 
 ANALYSIS_COMMANDS = {"sweep": _cmd_sweep, "ablate": _cmd_ablate, "diagnose": _cmd_diagnose, "figures": _cmd_figures,

@@ -12,6 +12,10 @@ A run folder holds two:
   three); the batch order needs no generator state: it is a function of (seed, epoch)
   (vkd_pyro.data.sampling), and `step_in_epoch` says how many of that epoch's batches are done.
 
+Both carry `run_id`, the id of the run that wrote them (vkd_pyro.training.run_folder): `save_atomic`
+adds it to every checkpoint written into a run folder that this process has open, and
+`load_resume_state` refuses a last.pt of another run than the one the folder's run.json names.
+
 Everything in them is a tensor or a plain Python value, so that `torch.load(weights_only=True)`
 reads them: numpy's RNG state is stored as a tensor and plain numbers.
 """
@@ -27,6 +31,7 @@ import torch
 
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path
+from vkd_pyro.training.run_folder import open_run_id
 
 RESUME_FORMAT = 1
 RESUME_KEYS = ("module", "optimizer", "rng", "epoch", "step_in_epoch", "global_step", "epoch_sums",
@@ -35,7 +40,11 @@ RESUME_KEYS = ("module", "optimizer", "rng", "epoch", "step_in_epoch", "global_s
 
 def save_atomic(obj, path: os.PathLike) -> None:
     """torch.save through `vkd_pyro.files.atomic_path`: a reader (or a crash at any moment) sees
-    either the old file or the whole new one, never half a file."""
+    either the old file or the whole new one, never half a file. A dict written into a run folder that
+    this process has open (vkd_pyro.training.run_folder.open_run) gets that run's `run_id`."""
+    run_id = open_run_id(Path(path).parent)
+    if run_id is not None and isinstance(obj, dict):
+        obj = {**obj, "run_id": run_id}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -63,6 +72,10 @@ def load_resume_state(run_dir: os.PathLike) -> dict:
     if state.get("format") != RESUME_FORMAT or missing:
         raise UserError(f"{path}: not a vkd-pyro resume state of format {RESUME_FORMAT}"
                         + (f" (missing {', '.join(missing)})" if missing else ""))
+    expected = open_run_id(run_dir)
+    if expected is not None and state.get("run_id", expected) != expected:
+        raise UserError(f"{path}: is from run {state['run_id']} but the folder's run.json names run {expected}; "
+                        "it cannot continue this run")
     return state
 
 

@@ -9,7 +9,9 @@ options in `model.prior_options` / `model.guide_options` (over the registry's de
 
 The KL term of Eq. 8 is analytic where `kl_divergence(q, p)` is registered (Pyro's, torch's and
 `vkd_pyro.models.distributions`' pairs) and the Monte Carlo log q(z) - log p(z) at the guide's z
-otherwise. The meanfield estimator promises an analytic KL, so it refuses a pairing without one
+otherwise. A config read from a run folder (evaluate, predict, train --resume) imports a family by
+its path only when the user trusts that run's code (:func:`check_trusted`, `--trust-code`).
+The meanfield estimator promises an analytic KL, so it refuses a pairing without one
 (:func:`require_analytic_kl`) rather than fall back silently on Monte Carlo.
 """
 
@@ -73,6 +75,21 @@ def resolve(kind: str, spec: str, key: Optional[str] = None) -> tuple[type, dict
     if not (inspect.isclass(family) and issubclass(family, nn.Module)):
         raise ConfigError(f"{key}: {spec!r} is not an nn.Module class")
     return family, {}
+
+
+def check_trusted(model, source: str, trust_code: bool) -> None:
+    """ConfigError (one line, naming `source`, the key and the module) when `model` (a config's
+    `model` section, read from a run folder's config.yaml at `source`) names a prior or guide by an
+    import path and `trust_code` is False: importing it would run that module's code. The registered
+    families (names without a colon) are always used."""
+    if trust_code:
+        return
+    for kind in ("prior", "guide"):
+        spec = getattr(model, kind)
+        if ":" in spec:
+            raise ConfigError(f"{source}: model.{kind}: {spec!r} would import module {spec.partition(':')[0]!r}, "
+                              f"which is not a registered {kind} ({', '.join(REGISTRIES[kind])}); pass "
+                              "--trust-code if you trust the code that run names")
 
 
 def option_names(family: type) -> Optional[list[str]]:

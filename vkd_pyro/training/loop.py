@@ -15,10 +15,11 @@ without a per-step GPU sync); under torchrun the module is wrapped in Distribute
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,7 @@ from vkd_pyro.training.resume import (
     save_resume,
     write_history,
 )
+from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
 
 
@@ -147,24 +149,52 @@ class StepTerms:
         self.beta = beta
 
 
-def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: bool = False) -> dict:
+def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: bool = False,
+        overwrite: bool = False) -> dict:
     """Train as `config` says, write the run folder, and return the test metrics.
+
+    The folder belongs to this run (vkd_pyro.training.run_folder): its lock is held while training
+    writes it, run.json records the run id and how the run ended, and the id is written into
+    checkpoint.pt, last.pt and metrics.json. A folder that holds another run's files is refused,
+    unless `overwrite` (move them into `<out_dir>/.replaced-<time>/`) or `resume`.
 
     resume=True continues the run in `out_dir` from its resume state last.pt: weights, optimizer,
     random generators, epoch, step within the epoch and the KL annealing position, so that an
     interrupted and resumed run ends with the same history and metrics as an uninterrupted one.
 
     Under torchrun (WORLD_SIZE > 1) each process trains on its share of every global batch through
-    DistributedDataParallel; only rank 0 writes files. SIGINT/SIGTERM write last.pt and raise
-    :class:`~vkd_pyro.errors.Interrupted`; a NaN or infinite loss term raises
+    DistributedDataParallel; only rank 0 writes files (and holds the folder). SIGINT/SIGTERM write
+    last.pt and raise :class:`~vkd_pyro.errors.Interrupted`; a NaN or infinite loss term raises
     :class:`~vkd_pyro.errors.TrainingDiverged` and leaves the checkpoints as they were.
     """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
     check_families(config)  # before any data is read
+    check_writable(config.resolved_cache_dir(), "cache_dir")
+    out_dir = Path(out_dir)
     ctx, device = distributed.init_from_env(resolve_device(config.device))
     try:
-        # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
-        with pyro.validation_enabled(False), _run_log(Path(out_dir), ctx):
-            return Trainer(config, Path(out_dir), ctx, device, progress, resume).fit()
+        with ExitStack() as stack:
+            refusal = None
+            if ctx.is_main:
+                try:
+                    run = stack.enter_context(open_run(out_dir, "resume" if resume else
+                                                       "overwrite" if overwrite else "new"))
+                except UserError as exc:
+                    refusal = str(exc)
+            refusal = next((r for r in distributed.all_gather_objects(refusal) if r), None)
+            if refusal:  # every process stops alike
+                raise UserError(refusal)
+            # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
+            stack.enter_context(pyro.validation_enabled(False))
+            stack.enter_context(_run_log(out_dir, ctx))
+            trainer = Trainer(config, out_dir, ctx, device, progress, resume)
+            warn_undefined_auc(trainer.data.splits["validation"], config)
+            result = trainer.fit()
+            if ctx.is_main:
+                stamp_metrics(out_dir, run.run_id)
+                run.finish()
+            return {**result, "run_id": run.run_id} if ctx.is_main else result
     finally:
         distributed.shutdown()
 
@@ -392,7 +422,7 @@ class Trainer:
             say(f"{name}: stopped at epoch {loop.epoch}, step {loop.step_in_epoch} of {self.T}; "
                 f"resume state written to {paths['last']}")
             raise Interrupted(f"interrupted by {name} at epoch {loop.epoch}, step {loop.step_in_epoch} of {self.T}; "
-                              f"resume with: vkd-pyro train --resume {self.out_dir}", signum)
+                              f"resume with: vkd-pyro train --resume {shlex.quote(str(self.out_dir))}", signum)
 
     def _predictions(self, split) -> tuple[np.ndarray, np.ndarray]:
         """(mean probabilities, labels) of a whole split from images alone; with several processes,
@@ -406,6 +436,23 @@ class Trainer:
 
         probs, _, labels = distributed.gather_predictions(predict, split, len(CLASSES))
         return probs, labels
+
+
+def warn_undefined_auc(split, config: Config) -> None:
+    """One warning line naming the classes whose validation AUC is undefined (a single label value
+    among the split's known labels): the validation macro AUC, early stopping and the best
+    checkpoint use the other classes (and are nan when none is left)."""
+    labels = np.asarray(split.base.labels)[split.indices]
+    mask = split_label_mask(split)
+    known = np.ones(labels.shape, bool) if mask is None else np.asarray(mask) > 0
+    scored = config.data.eval_classes
+    undefined = [name for c, name in enumerate(CLASSES) if (scored is None or name in scored)
+                 and not 0 < labels[known[:, c], c].sum() < known[:, c].sum()]
+    if undefined:
+        left = "no class left: the validation macro AUC is undefined (nan)" if len(undefined) == len(
+            scored or CLASSES) else "the validation macro AUC averages the others"
+        say(f"warning: the validation split ({len(labels)} records) has one label value only for "
+            f"{', '.join(undefined)}: their AUC is undefined; {left} (use more reports or change data.split)")
 
 
 def _macro_auc(probs: np.ndarray, labels: np.ndarray, split, config: Config) -> float:

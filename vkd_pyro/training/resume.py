@@ -24,6 +24,7 @@ from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.training import distributed
 from vkd_pyro.training.checkpoint import RESUME_FORMAT, capture_rng_state, restore_rng_state, save_atomic
 from vkd_pyro.training.distributed import say
+from vkd_pyro.training.families import check_trusted
 
 HISTORY_COLUMNS = ["epoch", "beta", "loss", "image_nll", "text_nll", "kl", "val_macro_auc", "seconds"]
 RANK_SEED_STRIDE = 7919  # seeds of the processes > 0: seed + stride * rank
@@ -55,10 +56,11 @@ RESUME_OVERRIDABLE = ("device", "cache_dir", "data.num_workers", "train.max_epoc
                       "train.sync_batchnorm", "image_encoder.channels_last")
 
 
-def resume_config(run_dir, overrides=()) -> Config:
+def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
     """The config of the run in `run_dir` (its config.yaml) with `overrides` of RESUME_OVERRIDABLE keys.
 
-    `train.stop_after_steps` (a debug interruption) is not carried over unless given again.
+    `train.stop_after_steps` (a debug interruption) is not carried over unless given again. A prior or
+    guide named by an import path is refused unless `trust_code` (vkd_pyro.training.families.check_trusted).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -71,6 +73,7 @@ def resume_config(run_dir, overrides=()) -> Config:
                             f"batch order); resumable keys: {', '.join(RESUME_OVERRIDABLE)}")
         given.add(key)
     config = load_config(run_dir / "config.yaml", overrides)
+    check_trusted(config.model, str(run_dir / "config.yaml"), trust_code)
     if "train.stop_after_steps" not in given:
         config.train.stop_after_steps = None
     return config
