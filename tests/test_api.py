@@ -71,8 +71,8 @@ def readme_example() -> str:
 
 def test_the_readme_python_example_runs(project):
     code = readme_example()
-    assert 'load_run("runs/demo-vkd-seed0"' in code and '"images/"' in code
-    code = code.replace("runs/demo-vkd-seed0", "runs/tiny")
+    assert 'load_run("runs/demo"' in code and '"images/"' in code
+    code = code.replace('"runs/demo"', '"runs/tiny"')
     out = python(["-c", code], cwd=project, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
