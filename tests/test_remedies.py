@@ -7,9 +7,8 @@ import csv
 import pyro
 import pytest
 import torch
-from torch import nn
 
-from tests.test_objective import B, FEAT, HID, Z, hand_terms, make_batch, make_module
+from tests.test_objective import FEAT, HID, Z, hand_terms, make_batch, make_module
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.config import config_from_dict
 from vkd_pyro.errors import ConfigError
