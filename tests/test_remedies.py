@@ -155,3 +155,14 @@ def test_training_with_a_weighted_kl_puts_the_kl_term_in_the_loss(tmp_path_facto
         explained = row["image_nll"] + row["text_nll"] + row["beta"] * row["kl"]
         assert row["loss"] == pytest.approx(explained, abs=tolerance)  # history.csv keeps 6 digits
         assert row["loss"] - row["image_nll"] - row["text_nll"] > 0.6  # the KL term is there
+
+
+def test_guide_warmup_trains_the_first_epoch_at_beta_zero(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "objectives-cache"
+    out = tmp_path_factory.mktemp("warmup")
+    overrides = tiny_overrides({"train.max_epochs": 2, "train.batch_size": 8, "inference.annealing.schedule": "none",
+                                "inference.guide_warmup_epochs": 1}) + [f"cache_dir={cache}"]
+    fit(config_from_dict({}, "tiny", overrides), out, progress=False)
+    first, second = read_history(out)
+    assert first["beta"] == 0.0 and first["loss"] == pytest.approx(first["image_nll"] + first["text_nll"], abs=2e-3)
+    assert second["beta"] == 1.0 and second["loss"] - second["image_nll"] - second["text_nll"] > 0.3
