@@ -359,14 +359,14 @@ class Trainer:
         extra = {"best_epoch": self.loop.best_epoch, "val_macro_auc": self.loop.best_auc,
                  "train_seconds": self.loop.seconds + (time.perf_counter() - self.saved_at),
                  "skipped": self.data.dataset.skipped, **self.logger.close(), "provenance": self.provenance}
+        if inf.objective != "text_only":  # first: the image predictions draw what they drew before the teacher
+            probs, labels = self._predictions(test)
         if self.module.has_teacher:
             teacher_probs, nll, teacher_labels = self._teacher(test)
             extra["teacher"] = teacher_metrics(teacher_probs, nll, teacher_labels, split_label_mask(test), self.config,
                                                inf.test_samples)
         if inf.objective == "text_only":
             probs, labels = teacher_probs, teacher_labels
-        else:
-            probs, labels = self._predictions(test)
         result = report(self.module, self.data, self.config, self.out_dir, "test", inf.test_samples, self.device,
                         extra, predictions=(probs, labels))
         distributed.barrier()  # no process leaves while rank 0 writes
