@@ -5,7 +5,8 @@ Installed as `vkd_pyro.models`. `PRIORS` is the registry of prior families a con
 """
 
 from vkd_pyro.models.families import DiagonalNormal, Flow, LowRankNormal, MixtureNormal, StandardNormal
-from vkd_pyro.models.vkd import VKDModel
+from vkd_pyro.models.text_only import ReportBottleneck
+from vkd_pyro.models.vkd import DistilledModel, VKDModel, tempered
 
 PRIORS = {
     "diagonal": (DiagonalNormal, {}),  # the paper's
@@ -15,4 +16,4 @@ PRIORS = {
     "standard": (StandardNormal, {}),
 }
 
-__all__ = ["VKDModel", "PRIORS"]
+__all__ = ["VKDModel", "DistilledModel", "ReportBottleneck", "tempered", "PRIORS"]

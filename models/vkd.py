@@ -93,9 +93,10 @@ class VKDModel(nn.Module):
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
         kl_weight: float = 1.0,
+        soft_labels: Optional[torch.Tensor] = None,
     ):
         """The model. It reads the image only; the report arguments are the guide's."""
-        return self.program(self.image_encoder(images), labels, label_mask, kl_weight)
+        return self.program(self.image_encoder(images), labels, label_mask, kl_weight, soft_labels)
 
     def program(
         self,
@@ -103,8 +104,10 @@ class VKDModel(nn.Module):
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
         kl_weight: float = 1.0,
+        soft_labels: Optional[torch.Tensor] = None,
     ) -> None:
-        """The probabilistic program on image features x_I (B, F). label_mask (B, C) drops labels."""
+        """The probabilistic program on image features x_I (B, F). label_mask (B, C) drops labels;
+        soft_labels (B, C) are a teacher's tempered probabilities (objective `kd`, :class:`DistilledModel`)."""
         prior = self.prior(features)
         with pyro.plate("data", features.shape[0]):
             if labels is None:  # Algorithm 2: z_I from the prior, then p(y | x_I, z_I)
@@ -116,13 +119,55 @@ class VKDModel(nn.Module):
                     z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
             # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
             z_image, score = draw(prior, self.prior_samples)  # score: None when fully reparameterised
-            log_lik = bernoulli_log_lik(self.class_logits(z_image, features), labels, label_mask)
+            log_lik = self.image_log_lik(self.class_logits(z_image, features), labels, label_mask, soft_labels)
             pyro.factor("image_log_lik", monte_carlo_mean(log_lik, score))
             if self.text_classifier is not None:  # L_MI: log q(y | z_T) at the guide's sample
                 likelihood = dist.Bernoulli(logits=self.text_classifier(z_text))
                 if label_mask is not None:
                     likelihood = likelihood.mask(label_mask)
                 pyro.sample("text_labels", likelihood.to_event(1), obs=labels)
+
+    def image_log_lik(self, logits: torch.Tensor, labels: torch.Tensor, label_mask: Optional[torch.Tensor],
+                      soft_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The image term per draw, (..., B): log p(y | x_I, z_I) = sum_c log Bernoulli(y_c | sigmoid(logit_c))."""
+        return bernoulli_log_lik(logits, labels, label_mask)
+
+
+class DistilledModel(VKDModel):
+    """Objective `kd`: plain knowledge distillation (Hinton et al. 2015, "Distilling the knowledge in a
+    neural network") from a report teacher into the image classifier, as a Pyro model without a guide.
+
+    The image term of :class:`VKDModel` (no latent site, no MI head: `image_only`'s program) becomes, per
+    prior draw z_I and averaged over the M draws as there,
+
+        (1 - alpha) sum_c log Bernoulli(y_c | s_c) + alpha T^2 sum_c [q_c log s_c^T + (1 - q_c) log(1 - s_c^T)]
+
+    with s_c = sigmoid(l_c) the student's probability from its logit l_c = logit of p(y_c|x_I, z_I),
+    s_c^T = sigmoid(l_c / T), and q_c = sigmoid(logit(p_teacher,c) / T) the teacher's probability at the
+    same temperature (`soft_labels`, computed once for the training split). So the loss is
+    (1 - alpha) BCE(y, p_student) + alpha T^2 BCE(p_teacher^T, p_student^T) per record, summed over the
+    classes label_mask keeps; T^2 keeps the soft term's gradients on the scale of the hard one's.
+    Training records this as the image NLL. At test time it is Algorithm 2 (images alone), as image_only.
+    """
+
+    def __init__(self, *args, alpha: float = 0.5, temperature: float = 2.0, **kwargs):
+        super().__init__(*args, latent_from_guide=False, mutual_information=False, **kwargs)
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(f"kd needs alpha in [0, 1] and a temperature > 0, got {alpha} and {temperature}")
+        self.alpha, self.temperature = alpha, temperature
+
+    def image_log_lik(self, logits, labels, label_mask, soft_labels=None):
+        if soft_labels is None:
+            raise ValueError("objective kd: the model needs the teacher's soft labels of the batch")
+        T = self.temperature
+        hard = bernoulli_log_lik(logits, labels, label_mask)
+        soft = bernoulli_log_lik(logits / T, soft_labels, label_mask)
+        return (1 - self.alpha) * hard + self.alpha * T**2 * soft
+
+
+def tempered(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sigmoid(logit(p) / T): probabilities at temperature T (p clamped into [1e-6, 1 - 1e-6] first)."""
+    return torch.sigmoid(torch.logit(probs, eps=1e-6) / temperature)
 
 
 def bernoulli_log_lik(logits: torch.Tensor, labels: torch.Tensor,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -120,8 +121,11 @@ def test_ablate_table2_has_the_three_rows_and_the_papers_column(table2, capsys):
                 "w/o VKD (no EHR)": ("0.837", "0.807")}
     assert set(rows) - {""} == set(expected)
     for label, paper in expected.items():
-        ours, n, openi, mimic = rows[label]
+        ours, n, difference, openi, mimic = rows[label]
         assert 0.0 <= float(ours) <= 1.0 and n == "1" and (openi, mimic) == paper
+        # the difference to image_only with its 95% interval (tests/test_baseline.py pins its value)
+        assert (difference == "baseline" if label == "w/o VKD (no EHR)"
+                else re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", difference)), difference
     assert "quote van Sonsbeek et al." in text
     with open(table2 / "sweep.csv") as f:
         objectives = [r["inference.objective"] for r in csv.DictReader(f)]

@@ -126,3 +126,36 @@ def test_kl_weight_handler():
     assert site_scale(0.0)["mask"] is False  # a float 0: masked out (Pyro's scale refuses 0)
     with pytest.raises(ValueError):
         kl_weighted(-0.1)
+
+
+def test_beta_max_scales_every_ramp_and_leaves_the_constant_alone():
+    T = 16
+    for schedule in ("cyclical", "monotonic", "none"):
+        full = KLSchedule(AnnealingConfig(schedule=schedule, warmup_epochs=2), T)
+        capped = KLSchedule(AnnealingConfig(schedule=schedule, warmup_epochs=2, beta_max=0.3), T)
+        for epoch in (1, 2, 3):
+            for t in range(1, T + 1):
+                assert capped(t, epoch) == pytest.approx(0.3 * full(t, epoch))  # Eq. 9's shape, its plateau at 0.3
+    assert max(KLSchedule(AnnealingConfig(schedule="cyclical", beta_max=0.3), T)(t) for t in range(1, 17)) == 0.3
+    constant = KLSchedule(AnnealingConfig(schedule="constant", beta=0.7, beta_max=0.3), T)
+    assert constant(5, 2) == 0.7
+
+
+def test_guide_warmup_holds_beta_at_zero_then_starts_the_schedule_afresh():
+    T, W = 8, 2
+    plain = KLSchedule(AnnealingConfig(schedule="monotonic", warmup_epochs=1), T)
+    warm = KLSchedule(AnnealingConfig(schedule="monotonic", warmup_epochs=1), T, warmup_epochs=W)
+    for epoch in (1, 2):
+        assert {warm(t, epoch) for t in range(1, T + 1)} == {0.0}
+    for epoch in (3, 4):
+        assert [warm(t, epoch) for t in range(1, T + 1)] == [plain(t, epoch - W) for t in range(1, T + 1)]
+    assert warm(1, 3) == 0.0 and warm(T, 3) == pytest.approx((T - 1) / T)  # the ramp starts at epoch W + 1
+    constant = KLSchedule(AnnealingConfig(schedule="constant", beta=0.4), T, warmup_epochs=1)
+    assert constant(3, 1) == 0.0 and constant(3, 2) == 0.4
+
+
+def test_beta_max_and_warmup_are_validated():
+    with pytest.raises(ConfigError, match=r"inference\.annealing\.beta_max: -0\.5 must be >= 0"):
+        config_from_dict({}, "my.yaml", ["inference.annealing.beta_max=-0.5"])
+    with pytest.raises(ConfigError, match=r"inference\.guide_warmup_epochs: expected int"):
+        config_from_dict({}, "my.yaml", ["inference.guide_warmup_epochs=1.5"])

@@ -141,23 +141,55 @@ class AnnealingConfig:
     beta: float = field(default=1.0, metadata=_NON_NEGATIVE)  # the constant schedule's value
     g: str = field(default="linear", metadata=_one_of("linear", "sigmoid"))  # the ramp of cyclical and monotonic
     warmup_epochs: float = field(default=5.0, metadata=_POSITIVE)  # monotonic: epochs for beta to reach 1
+    # The cap of the cyclical, monotonic and none schedules, by scaling: beta = beta_max * g(...), so
+    # that Eq. 9 keeps its shape (`none`: beta = beta_max). The constant schedule is `beta` itself.
+    beta_max: float = field(default=1.0, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class KDConfig:
+    """Objective `kd` (Hinton et al. 2015): the teacher and the distillation loss
+    (1 - alpha) BCE(y, p_student) + alpha T^2 BCE(p_teacher^T, p_student^T), T the temperature on the logits."""
+
+    teacher: Optional[str] = None  # a finished `text_only` run folder (its checkpoint.pt and config.yaml)
+    alpha: float = field(default=0.5, metadata=_PROBABILITY)
+    temperature: float = field(default=2.0, metadata=_POSITIVE)
 
 
 @dataclass
 class InferenceConfig:
-    """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts."""
+    """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts.
 
-    objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only"))
+    Objectives: `vkd` (Eq. 8), `no_mi` (without L_MI), `image_only` (the image classifier alone),
+    `text_only` (the report branch alone, a variational information bottleneck; Alemi et al. 2017)
+    and `kd` (knowledge distillation from a `text_only` teacher; Hinton et al. 2015).
+    """
+
+    objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only", "text_only", "kd"))
     elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
     num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
     prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
     test_samples: int = field(default=16, metadata=_POSITIVE)  # S: prior samples at test time
     annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+    # Remedies for posterior collapse (vkd_pyro.inference.module.VKDModule):
+    # free bits (Kingma et al. 2016): the KL counts as sum_d max(free_bits, KL_d), KL_d per latent
+    # dimension averaged over the batch; 0 = off (the paper's ELBO). Diagonal Normal prior and guide.
+    free_bits: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    # The first epochs train with beta = 0 (guide, MI head and the image side alike), then the schedule starts.
+    guide_warmup_epochs: int = field(default=0, metadata=_NON_NEGATIVE)
+    # both: the paper's ELBO; prior: a variant in which the KL term moves only the prior (q detached in it).
+    kl_gradient: str = field(default="both", metadata=_one_of("both", "prior"))
+    kd: KDConfig = field(default_factory=KDConfig)
 
     @property
     def uses_reports(self) -> bool:
-        """Whether the objective reads the reports (a guide): `vkd` and `no_mi` do, `image_only` not."""
+        """Whether the run reads the reports: every objective but `image_only` (`kd` for its teacher)."""
         return self.objective != "image_only"
+
+    @property
+    def has_guide(self) -> bool:
+        """Whether the objective has the guide q(z_T|x_T): `vkd`, `no_mi` and `text_only`."""
+        return self.objective in ("vkd", "no_mi", "text_only")
 
 
 @dataclass

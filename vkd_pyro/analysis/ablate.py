@@ -17,7 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vkd_pyro.analysis.sweep import Axis, aggregate, format_mean_std, run_sweep
+from vkd_pyro.analysis.sweep import (
+    Axis,
+    aggregate,
+    baseline_differences,
+    baseline_note,
+    format_difference,
+    format_mean_std,
+    run_sweep,
+)
 from vkd_pyro.config import load_config, split_assignment
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import write_text
@@ -32,6 +40,7 @@ TABLES = {
         "values": ["vkd", "no_mi", "image_only"],
         "labels": {"vkd": "Full architecture", "no_mi": "w/o L_MI (Eq. 7)", "image_only": "w/o VKD (no EHR)"},
         "paper": {"vkd": (0.885, 0.839), "no_mi": (0.873, 0.832), "image_only": (0.837, 0.807)},
+        "baseline": "image_only",  # each row's macro-AUC difference to it, with its 95% interval
     },
     3: {
         "title": "Table 3: AUC scores for varying size of latent space z",
@@ -63,12 +72,17 @@ def table_axis(table: int, values: Optional[Sequence[str]] = None) -> Axis:
     return Axis(spec["key"], texts, [int(t) if t.isdigit() else t for t in texts])
 
 
-def format_table(table: int, rows: Sequence[dict], axis: Axis, dataset: str, seeds: int) -> str:
-    """Markdown in the paper's layout: a row per configuration, our column, then the paper's columns."""
+def format_table(table: int, rows: Sequence[dict], axis: Axis, dataset: str, seeds: int,
+                 differences: Optional[dict] = None) -> str:
+    """Markdown in the paper's layout: a row per configuration, our column, then the paper's columns.
+    Table 2 has a column of each row's macro-AUC difference to image_only (`differences` from
+    `vkd_pyro.analysis.sweep.baseline_differences`; "–" where there is none)."""
     spec = TABLES[table]
+    base = spec.get("baseline")
     groups = dict((a[axis.key], members) for a, members in aggregate(rows, [axis]))
     ours = f"{dataset} (vkd-pyro, mean ± std)"
-    header = ["Size of z" if table == 3 else "", ours, "n"] + [f"{d} (paper)" for d in PAPER_DATASETS]
+    header = (["Size of z" if table == 3 else "", ours, "n"]
+              + ([f"Δ vs {base} [95% CI]"] if base else []) + [f"{d} (paper)" for d in PAPER_DATASETS])
     lines = [f"# {spec['title']}", "",
              f"Test macro AUC of vkd-pyro on `{dataset}` over {seeds} seed(s), beside the paper's figures.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -76,8 +90,12 @@ def format_table(table: int, rows: Sequence[dict], axis: Axis, dataset: str, see
         members = groups.get(text, [])
         paper = spec["paper"].get(text)
         cells = [spec["labels"].get(text, text), format_mean_std([m["macro_auc"] for m in members]),
-                 str(len(members))] + [f"{p:.3f}" if paper else "–" for p in (paper or (None,) * len(PAPER_DATASETS))]
+                 str(len(members))]
+        if base:
+            cells.append("baseline" if text == base else format_difference((differences or {}).get((text,))))
+        cells += [f"{p:.3f}" if paper else "–" for p in (paper or (None,) * len(PAPER_DATASETS))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ([""] + [baseline_note({axis.key: base})] if base else [])
     lines += ["",
               "mean ± std: over seeds (sample std, n-1; the mean alone for one seed); n: finished seeds. "
               f"The `(paper)` columns quote van Sonsbeek et al. (IPMI 2021), {spec['title'].split(':')[0]}, "
@@ -98,7 +116,10 @@ def ablate(config_path: str, table: int, seeds: int, out_dir, overrides: Sequenc
     dataset = load_config(config_path, overrides).data.name
     out_dir = Path(out_dir)
     result = run_sweep(config_path, [axis], seeds, out_dir, overrides, progress=progress, fit=fit, say=say)
-    text = format_table(table, result.rows, axis, dataset, seeds)
+    base = TABLES[table].get("baseline")
+    differences = (baseline_differences(result.rows, [axis], out_dir / "runs", {axis.key: base})
+                   if base and base in axis.texts else None)
+    text = format_table(table, result.rows, axis, dataset, seeds, differences)
     write_text(out_dir / f"table{table}.md", text)
     if result.failed:
         say(f"{len(result.failed)} run(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))

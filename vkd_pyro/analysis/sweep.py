@@ -40,14 +40,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from vkd_pyro.analysis.compare import pooled_bootstrap
 from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
-from vkd_pyro.files import atomic_path, write_text
+from vkd_pyro.files import atomic_path, write_json, write_text
 from vkd_pyro.training import distributed
 from vkd_pyro.training.loop import fit as train_fit
+from vkd_pyro.training.predictions import read_predictions
 from vkd_pyro.training.run_folder import config_differences, flatten, folder_lock, move_aside, read_record, run_entries
 
 # Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
@@ -326,17 +328,102 @@ def aggregate(rows: Sequence[dict], axes: Sequence[Axis]) -> list[tuple[dict, li
     return groups
 
 
-def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, notes: Sequence[str] = ()) -> str:
+def parse_baseline(spec: Optional[str], axes: Sequence[Axis]) -> Optional[dict]:
+    """`--baseline key=value[,key=value]` to a grid point {key: value text}; keys of the grid left out
+    must have one value. UserError naming the option for a key not in the grid or a value not in it."""
+    if not spec:
+        return None
+    point = {}
+    for part in split_values(spec):
+        assignment = split_assignment(part)
+        if assignment is None:
+            raise UserError(f"--baseline {spec}: write key=value (a grid point)")
+        key, text = assignment[0], assignment[1].strip()
+        axis = next((a for a in axes if a.key == key), None)
+        if axis is None:
+            raise UserError(f"--baseline {spec}: {key} is not a grid key ({', '.join(a.key for a in axes) or 'none'})")
+        if text not in axis.texts:
+            raise UserError(f"--baseline {spec}: {key}={text} is not in the grid ({', '.join(axis.texts)})")
+        point[key] = text
+    for axis in axes:
+        if axis.key not in point:
+            if len(axis.texts) > 1:
+                raise UserError(f"--baseline {spec}: name a value of {axis.key} too ({', '.join(axis.texts)})")
+            point[axis.key] = axis.texts[0]
+    return point
+
+
+def baseline_differences(rows: Sequence[dict], axes: Sequence[Axis], runs_dir: Path, baseline: dict,
+                         n_boot: int = 2000) -> dict:
+    """grid point (tuple of value texts, in axis order) -> the macro-AUC difference row - baseline
+    (`vkd_pyro.analysis.compare.pooled_bootstrap` over the seeds both have, each run's
+    predictions_test.npz), or a string saying why there is none. The baseline's own row is left out."""
+    order = [a.key for a in axes]
+    groups = {tuple(a[k] for k in order): members for a, members in aggregate(rows, axes)}
+    base = {m["seed"]: runs_dir / m["run"] for m in groups.get(tuple(baseline[k] for k in order), [])}
+    out = {}
+    for point, members in groups.items():
+        if point == tuple(baseline[k] for k in order):
+            continue
+        seeds = [m["seed"] for m in members if m["seed"] in base]
+        if not seeds:
+            out[point] = "no seed in common with the baseline"
+            continue
+        try:
+            pairs, classes, evaluated = [], None, None
+            for m in members:
+                if m["seed"] not in base:
+                    continue
+                a, b = read_predictions(base[m["seed"]]), read_predictions(runs_dir / m["run"])
+                classes, evaluated = a.classes, a.meta.get("eval_classes")
+                pairs.append(((a.probs, a.labels, a.mask, a.record_ids), (b.probs, b.labels, b.mask, b.record_ids)))
+            out[point] = pooled_bootstrap(pairs, classes, n_boot=n_boot, evaluated=evaluated)
+        except UserError as exc:
+            out[point] = str(exc)
+    return out
+
+
+def format_difference(comparison) -> str:
+    """`+0.012 [-0.004, +0.027]` for a Comparison; `–` for a reason there is none."""
+    if isinstance(comparison, str) or comparison is None:
+        return "–"
+    low, high = comparison.interval
+    return f"{comparison.difference:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def baseline_note(baseline: dict) -> str:
+    point = ", ".join(f"{k} = {v}" for k, v in baseline.items())
+    return (f"Δ macro AUC: this row minus the baseline ({point}) on the same test records, mean over the seeds "
+            "both have, with its 95% paired-bootstrap interval (2000 replicates over test records, pooled over "
+            "seeds; `vkd-pyro compare`). Rows evaluated on the reports (text_only) are compared on the same "
+            "records and labels, but from another input.")
+
+
+def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, notes: Sequence[str] = (),
+                    differences: Optional[dict] = None, baseline: Optional[dict] = None) -> str:
+    """sweep.md: a row per grid point (mean ± std over seeds); with `baseline`, a column of the
+    macro-AUC difference to it (`differences` from :func:`baseline_differences`)."""
     lines = [f"# {title}", ""]
     if notes:
         lines += [f"{n}  " for n in notes] + [""]
-    header = [axis.key for axis in axes] + ["seeds"] + [label for _, label, _ in METRIC_COLUMNS]
+    header = [axis.key for axis in axes] + ["seeds"] + [label for _, label, _ in METRIC_COLUMNS[:1]]
+    if baseline is not None:
+        header.append("Δ macro AUC [95% CI]")
+    header += [label for _, label, _ in METRIC_COLUMNS[1:]]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for assignment, members in aggregate(rows, axes):
         cells = [assignment[a.key] for a in axes] + [str(len(members))]
-        cells += [format_mean_std([m[c] for m in members], fmt) for c, _, fmt in METRIC_COLUMNS]
+        metrics = [format_mean_std([m[c] for m in members], fmt) for c, _, fmt in METRIC_COLUMNS]
+        cells.append(metrics[0])
+        if baseline is not None:
+            point = tuple(assignment[a.key] for a in axes)
+            is_base = all(assignment[k] == v for k, v in baseline.items())
+            cells.append("baseline" if is_base else format_difference((differences or {}).get(point)))
+        cells += metrics[1:]
         lines.append("| " + " | ".join(cells) + " |")
+    if baseline is not None:
+        lines += ["", baseline_note(baseline)]
     lines += ["", "Mean ± std over seeds (sample std, n-1; the mean alone with one seed). Test split. "
               "test loss, image NLL, text NLL, KL: the ELBO terms (minus Eq. 8) per record at beta = 1. "
               f"log p(y|x): Monte Carlo estimate over K={IS_SAMPLES} prior samples, nats per record. "
@@ -424,11 +511,16 @@ class SweepResult:
     out_dir: Path
 
 
-def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], plot: bool = True) -> list[dict]:
-    """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders."""
+def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], plot: bool = True,
+                  baseline: Optional[dict] = None) -> list[dict]:
+    """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders;
+    with `baseline` (a grid point, :func:`parse_baseline`) sweep.md has each row's macro-AUC
+    difference to it with its 95% interval (:func:`baseline_differences`)."""
     rows = collect_rows(runs, axes)
     write_csv(rows, axes, out_dir / "sweep.csv")
-    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, [*notes, *recorded_notes(runs)]))
+    differences = baseline_differences(rows, axes, out_dir / "runs", baseline) if baseline else None
+    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, [*notes, *recorded_notes(runs)], differences,
+                                                     baseline))
     if rows and plot:
         plot_sweep(rows, axes, out_dir / "sweep.png", title)
     return rows
@@ -436,8 +528,11 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
 
 def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overrides: Sequence[str] = (),
               progress: Optional[bool] = False, fit: Optional[Callable] = None,
-              say: Callable[[str], None] = print, overwrite: bool = False) -> SweepResult:
+              say: Callable[[str], None] = print, overwrite: bool = False,
+              baseline: Optional[str] = None) -> SweepResult:
     """Train the planned runs that are not finished, then (re)write sweep.csv, sweep.md and sweep.png.
+
+    `baseline` (`--baseline key=value`, a grid point) adds each row's macro-AUC difference to it to sweep.md.
 
     `fit` defaults to :func:`vkd_pyro.training.loop.fit` (tests pass a counting wrapper). A run that fails
     with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
@@ -446,12 +541,12 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     fit = fit or train_fit
     out_dir = Path(out_dir)
     runs = plan(config_path, axes, seeds, out_dir, overrides, overwrite)
+    point = parse_baseline(baseline, axes)  # a bad --baseline is refused before any run
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     title = f"Sweep of {config_path}"
     notes = []  # recorded_notes: from the run folders' configs
-    (out_dir / "sweep.json").write_text(json.dumps(
-        {"config": str(config_path), "grid": {a.key: a.texts for a in axes}, "seeds": seeds,
-         "overrides": list(overrides)}, indent=2))
+    write_json(out_dir / "sweep.json", {"config": str(config_path), "grid": {a.key: a.texts for a in axes},
+                                        "seeds": seeds, "overrides": list(overrides)})
     ran, skipped, failed = [], [], {}
     for i, run in enumerate(runs, 1):
         where = f"[{i}/{len(runs)}] {run.name}"
@@ -470,7 +565,7 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
             fit(config, run.folder, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
         except UserError as exc:
             failed[run.name] = str(exc)
-            (run.folder / "error.txt").write_text(str(exc) + "\n")
+            write_text(run.folder / "error.txt", str(exc) + "\n")
             say(f"{where}: failed: {exc}")
             continue
         wall = time.perf_counter() - started
@@ -480,8 +575,8 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
         (run.folder / "error.txt").unlink(missing_ok=True)
         evaluate_run(run.folder, wall)
         ran.append(run.name)
-        write_outputs(runs, axes, out_dir, title, notes, plot=False)  # the tables so far; the plot at the end
-    rows = write_outputs(runs, axes, out_dir, title, notes)
+        write_outputs(runs, axes, out_dir, title, notes, plot=False, baseline=point)  # so far; the plot at the end
+    rows = write_outputs(runs, axes, out_dir, title, notes, baseline=point)
     say(f"sweep: {len(ran)} trained, {len(skipped)} finished before, {len(failed)} failed; "
         f"wrote {out_dir}/sweep.csv, sweep.md" + (", sweep.png" if rows else ""))
     return SweepResult(rows, list(axes), ran, skipped, failed, out_dir)

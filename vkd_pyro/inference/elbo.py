@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from pyro import poutine
@@ -168,6 +168,48 @@ def _kl(guide_site: dict, model_site: dict) -> torch.Tensor:
     except NotImplementedError:
         value = guide_site["value"]
         return q.log_prob(value) - p.log_prob(value)
+
+
+def is_diagonal_normal(fn) -> bool:
+    """Whether `fn` is a diagonal Normal with one event dimension (what :func:`remedied_kl_sum` needs)."""
+    return _normal_parameters(fn) is not None
+
+
+def diagonal_normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+    """KL(N(q_loc, q_scale^2) || N(p_loc, p_scale^2)) per dimension (no sum), by its closed form
+    log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2."""
+    return (torch.log(p_scale) - torch.log(q_scale)
+            + (q_scale.square() + (q_loc - p_loc).square()) / (2 * p_scale.square()) - 0.5)
+
+
+def remedied_kl_sum(traces: tuple[Sequence, Sequence], num_particles: int, free_bits: float = 0.0,
+                    prior_only: bool = False) -> torch.Tensor:
+    """The KL term of a batch as the remedies count it, summed over the batch, averaged over particles.
+
+    For site "z" of each (model trace, guide trace) pair, q = the guide's and p = the model's
+    distribution, both diagonal Normals; KL_{b,d} their closed-form KL per record b and dimension d:
+
+        B * sum_d max(free_bits, 1/B sum_b KL_{b,d})
+
+    (free bits, Kingma et al. 2016, Sec. C.8: the batch-mean KL of each dimension counts only above
+    lambda = free_bits nats; with free_bits = 0 this is sum_b sum_d KL_{b,d}, the plain KL). With
+    `prior_only` q's loc and scale are detached: the term's gradient moves p alone. A vectorised
+    trace holds the L particles along a leading dimension: summed, then divided by `num_particles`.
+    ValueError when a site is not a pair of diagonal Normals or site "z" is missing.
+    """
+    total = None
+    for model_trace, guide_trace in zip(*traces):
+        if "z" not in model_trace.nodes or "z" not in guide_trace.nodes:
+            raise ValueError('the KL remedies need a latent site "z" in model and guide')
+        q, p = _normal_parameters(guide_trace.nodes["z"]["fn"]), _normal_parameters(model_trace.nodes["z"]["fn"])
+        if q is None or p is None:
+            raise ValueError("free bits and kl_gradient=prior need a diagonal Normal prior and guide")
+        q_loc, q_scale = (t.detach() for t in q) if prior_only else q
+        kl = diagonal_normal_kl(q_loc, q_scale, *p)  # (..., B, D)
+        batch = kl.shape[-2]
+        term = (batch * kl.mean(-2).clamp(min=free_bits).sum(-1)).sum()
+        total = term if total is None else total + term
+    return total / num_particles
 
 
 ELBOS = tuple(RecordedELBO.ESTIMATORS)

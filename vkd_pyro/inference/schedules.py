@@ -18,6 +18,13 @@ the epoch:
       beta_s = g(min(1, (s - 1) / (W T)))                  (0 at the first step, 1 from s = W T + 1)
 - constant: beta = `annealing.beta` at every step.
 - none: beta = 1 at every step (no annealing: the plain ELBO).
+
+`annealing.beta_max` (default 1) caps the cyclical, monotonic and none schedules by *scaling*:
+beta = beta_max * g(...) (none: beta_max), so that Eq. 9 keeps its shape and only its plateau
+moves; the constant schedule is `annealing.beta` itself.
+
+`inference.guide_warmup_epochs` = W (default 0): beta = 0 in epochs 1..W, then the schedule runs
+as if epoch W + 1 were its first (the monotonic ramp starts there).
 """
 
 from __future__ import annotations
@@ -66,10 +73,12 @@ def monotonic_beta(step: int, warmup_steps: float, g: str = "linear") -> float:
 class KLSchedule:
     """beta for iteration t (1-based) of epoch `epoch` (1-based), T iterations an epoch, as the config says."""
 
-    def __init__(self, config, iterations_per_epoch: int):
-        """config: the `inference.annealing` section (schedule, R, C, g, beta, warmup_epochs)."""
+    def __init__(self, config, iterations_per_epoch: int, warmup_epochs: int = 0):
+        """config: the `inference.annealing` section (schedule, R, C, g, beta, warmup_epochs, beta_max);
+        warmup_epochs: `inference.guide_warmup_epochs`, epochs at beta = 0 before the schedule starts."""
         self.config = config
         self.T = iterations_per_epoch
+        self.warmup_epochs = warmup_epochs
 
     def warning(self) -> Optional[str]:
         """A line for the user when the schedule never weights the KL term, else None: Eq. 9 with
@@ -82,12 +91,15 @@ class KLSchedule:
 
     def __call__(self, t: int, epoch: int = 1) -> float:
         c = self.config
+        if epoch < 1:
+            raise ValueError("epochs are counted from 1")
+        if epoch <= self.warmup_epochs:
+            return 0.0
+        epoch -= self.warmup_epochs
         if c.schedule == "constant":
             return c.beta
         if c.schedule == "none":
-            return 1.0
+            return c.beta_max
         if c.schedule == "monotonic":
-            if epoch < 1:
-                raise ValueError("epochs are counted from 1")
-            return monotonic_beta((epoch - 1) * self.T + t, c.warmup_epochs * self.T, c.g)
-        return cyclical_beta(t, self.T, c.C, c.R, c.g)
+            return c.beta_max * monotonic_beta((epoch - 1) * self.T + t, c.warmup_epochs * self.T, c.g)
+        return c.beta_max * cyclical_beta(t, self.T, c.C, c.R, c.g)

@@ -46,17 +46,18 @@ def autocast_forward(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def apply_speed_options(module: nn.Module, amp: str = "none", channels_last: bool = False) -> nn.Module:
     """Apply `train.amp` and `image_encoder.channels_last` to a VKDModule's networks, in place.
 
-    amp (bf16) wraps the image encoder (`module.model.image_encoder`) and, when the guide has one,
+    amp (bf16) wraps the image encoder (`module.model.image_encoder`, when there is one) and, when the guide has one,
     the trainable text block (`module.guide.text_head`). Returns the module.
     """
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-    encoder = module.model.image_encoder
-    if channels_last:
+    encoder = getattr(module.model, "image_encoder", None)  # None: objective text_only has no image side
+    if channels_last and encoder is not None:
         encoder.to(memory_format=torch.channels_last)
     dtype = AMP_DTYPES[amp]
     if dtype is not None:
-        autocast_forward(encoder, dtype)
+        if encoder is not None:
+            autocast_forward(encoder, dtype)
         text_head = getattr(module.guide, "text_head", None)
         if isinstance(text_head, nn.Module):
             autocast_forward(text_head, dtype)

@@ -44,6 +44,51 @@ def predict_split(module: VKDModule, split, num_samples: int, batch_size: int = 
     return torch.cat(means).numpy(), torch.cat(stds).numpy(), torch.cat(labels).numpy()
 
 
+@torch.no_grad()
+def teacher_split(module: VKDModule, split, num_samples: int, batch_size: int = 256, device="cpu",
+                  num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher q(y|z_T) on a split's *reports*: (mean probability (N, C), per-class NLL (N, C), labels (N, C)).
+
+    For each record, S = `num_samples` draws z_T^(s) ~ q(z_T | x_T) (the guide, dropout off):
+
+        probability_c = 1/S sum_s sigmoid(logit_c(z_T^(s)))
+        nll_c         = 1/S sum_s -log q(y_c | z_T^(s))     (the mean NLL per draw, as L_MI is trained)
+
+    so that summing nll over the known classes and averaging over records gives the teacher's test
+    NLL in the units of the training's text NLL (a label-frequency classifier's NLL is its baseline).
+    Unknown labels are not masked here; :func:`teacher_metrics` leaves them out.
+    """
+    module.eval()
+    means, nlls, labels = [], [], []
+    loader = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    for batch in loader:
+        if batch.token_states is None:
+            raise ValueError("the teacher reads reports: prepare the data with reports")
+        logits = module.teacher_logits(batch.token_states.to(device), batch.token_mask.to(device), num_samples)
+        target = batch.labels.to(device).expand(logits.shape)
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)
+        means.append(torch.sigmoid(logits).mean(0).cpu())
+        nlls.append(nll.cpu())
+        labels.append(batch.labels)
+    return torch.cat(means).numpy(), torch.cat(nlls).numpy(), torch.cat(labels).numpy()
+
+
+def teacher_metrics(probs: np.ndarray, nll: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarray],
+                    config: Config, samples: int) -> dict:
+    """The `teacher` block of metrics.json from :func:`teacher_split`'s arrays: per-class, macro and
+    micro AUC of q(y|z_T) (masked labels left out, as in `auc_metrics`) and its NLL, the mean over
+    records of the per-draw NLL summed over the known (and evaluated) classes."""
+    metrics = auc_metrics(labels, probs, CLASSES, mask, config.data.eval_classes)
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask) > 0
+    if config.data.eval_classes is not None:
+        keep = keep & np.array([c in config.data.eval_classes for c in CLASSES])
+    return {"evaluated_on": "reports", "what": "q(y|z_T), z_T ~ q(z_T|x_T): the report branch (teacher)",
+            "auc": metrics["auc"], "macro_auc": metrics["macro_auc"], "micro_auc": metrics["micro_auc"],
+            "nll": float((nll * keep).sum(1).mean()) if len(nll) else None,
+            "nll_kind": "mean over records of the Monte Carlo mean over draws of -log q(y|z_T), known classes",
+            "S": samples}
+
+
 def auc_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], mask: Optional[np.ndarray] = None,
                 evaluated: Optional[Sequence[str]] = None) -> dict:
     """Per-class ROC AUC (None where the split has one label value), their macro mean over the
@@ -137,28 +182,39 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarr
 
 def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, samples: int,
            device, extra: Optional[dict] = None, predictions: Optional[tuple] = None) -> dict:
-    """Evaluate `split` from images alone; write metrics.json (metrics_<split>.json for other splits)
+    """Evaluate `split`; write metrics.json (metrics_<split>.json for other splits), predictions_<split>.npz
     and roc.png (roc_<split>.png); print the AUC table. Returns the metrics.
 
+    From images alone (Algorithm 2), except for objective `text_only`, which has no image side: its
+    `predictions` are the teacher's on the reports and metrics.json says "evaluated_on": "reports".
     `predictions` (mean probabilities, labels) computed beforehand (e.g. gathered from several
     processes) are used as they are; only rank 0 writes.
     """
+    on_reports = config.inference.objective == "text_only"
     if predictions is None:
         probs, _, labels = predict_split(module, data.splits[split], samples, config.train.eval_batch_size, device)
     else:
         probs, labels = predictions
     mask = split_label_mask(data.splits[split])  # unknown labels (ignore policy, unmapped classes) left out
-    result = split_metrics(probs, labels, mask, config, split, samples, extra)
+    result = split_metrics(probs, labels, mask, config, split, samples,
+                           {"evaluated_on": "reports" if on_reports else "images", **(extra or {})})
     if not distributed.context().is_main:
         return result
     suffix = "" if split == "test" else f"_{split}"
     write_json(out_dir / f"metrics{suffix}.json", result)
     write_predictions(out_dir, split, probs, labels, CLASSES, mask=mask, record_ids=split_record_ids(data.splits[split]),
                       meta={"seed": config.seed, "objective": config.inference.objective,
-                            "eval_classes": config.data.eval_classes})
+                            "eval_classes": config.data.eval_classes, "evaluated_on": result["evaluated_on"]})
     plot_roc(labels, probs, CLASSES, out_dir / f"roc{suffix}.png", title=f"{config.inference.objective}, {split}",
              mask=mask, evaluated=config.data.eval_classes)
-    say(f"\n{split} split, {len(labels)} records, images only (Algorithm 2, S={samples}):")
-    say(format_auc_table({config.inference.objective: result}, CLASSES, result["positives"]))
+    where = f"reports only (q(y|z_T), S={samples})" if on_reports else f"images only (Algorithm 2, S={samples})"
+    say(f"\n{split} split, {len(labels)} records, {where}:")
+    columns = {config.inference.objective: result}
+    teacher = result.get("teacher")
+    if teacher is not None and not on_reports:
+        columns["teacher (reports)"] = teacher
+    say(format_auc_table(columns, CLASSES, result["positives"]))
+    if teacher is not None:
+        say(f"teacher q(y|z_T) on the reports: macro AUC {_cell(teacher['macro_auc'])}, NLL {teacher['nll']:.3f}")
     say(f"\nwrote {out_dir}/metrics{suffix}.json, predictions_{split}.npz, roc{suffix}.png")
     return result

@@ -42,10 +42,10 @@ from vkd_pyro.inference.elbo import TERM_NAMES
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.inference.schedules import KLSchedule
 from vkd_pyro.training import distributed
-from vkd_pyro.training.build import build_module, check_families
+from vkd_pyro.training.build import build_module, check_families, check_objective
 from vkd_pyro.training.checkpoint import load_checkpoint, load_resume_state, save_atomic
 from vkd_pyro.training.distributed import say
-from vkd_pyro.training.evaluate import auc_metrics, predict_split, report
+from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_metrics, teacher_split
 from vkd_pyro.training.finetune import init_from_run
 from vkd_pyro.training.logger import TrainingLogger
 from vkd_pyro.training.provenance import as_comment, provenance
@@ -61,6 +61,7 @@ from vkd_pyro.training.resume import (
 )
 from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
+from vkd_pyro.training.teacher import soft_targets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,6 +171,7 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
     check_families(config)  # before any data is read
+    check_objective(config)
     check_writable(config.resolved_cache_dir(), "cache_dir")
     out_dir = Path(out_dir)
     ctx, device = distributed.init_from_env(resolve_device(config.device))
@@ -235,7 +237,7 @@ class Trainer:
         self.T = len(global_batches(self.train_split, config, 1, ctx.world_size))
         if self.T == 0:
             raise UserError(f"train.batch_size: {tr.batch_size} is smaller than the {ctx.world_size} processes")
-        self.schedule = KLSchedule(config.inference.annealing, self.T)
+        self.schedule = KLSchedule(config.inference.annealing, self.T, config.inference.guide_warmup_epochs)
         if self.schedule.warning():
             say(self.schedule.warning())
         self.loop, self.epoch_sums = LoopState(), torch.zeros(len(TERM_NAMES), device=device)
@@ -277,6 +279,10 @@ class Trainer:
         module = build_module(config, self.data.dims).to(device)
         if config.init_from and self.state is None:  # fine-tuning: the model.* weights of another run that match
             say(init_from_run(module, config.init_from)["message"])
+        if config.inference.objective == "kd":  # the teacher's tempered probabilities, once (vkd_pyro.training.teacher)
+            module.set_soft_targets(soft_targets(config, self.data, device))
+            say(f"kd: soft targets of teacher {config.inference.kd.teacher} for {len(self.data.splits['train'])} "
+                f"training records (T = {config.inference.kd.temperature}, alpha = {config.inference.kd.alpha})")
         if config.train.sync_batchnorm and ctx.enabled:
             if device.type != "cuda":
                 raise UserError("train.sync_batchnorm: synchronised batch norm needs GPUs (device=cuda)")
@@ -294,7 +300,8 @@ class Trainer:
         device = self.device
         # `no_mi` at beta = 0 leaves the guide out of the loss: DDP must look for unused parameters.
         return DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=self.config.inference.objective == "no_mi")
+                                       find_unused_parameters=self.config.inference.objective == "no_mi"
+                                       or self.config.inference.kl_gradient == "prior")
 
     # ------------------------------------------------------------------ the loop
 
@@ -342,7 +349,7 @@ class Trainer:
         means = dict(zip(TERM_NAMES, (self.epoch_sums / max(loop.step_in_epoch, 1)).tolist()))
         means["beta"] = loop.beta_sum / max(loop.step_in_epoch, 1)
         val_split = self.data.splits["validation"]
-        val_auc = _macro_auc(*self._predictions(val_split), val_split, config)
+        val_auc = self._validation_auc(val_split)
         seconds = seconds_training + time.perf_counter() - started
         loop.history.append([str(loop.epoch)] + [f"{means[k]:.6g}" for k in HISTORY_COLUMNS[1:6]]
                             + [f"{val_auc:.6g}", f"{seconds:.2f}"])
@@ -357,7 +364,7 @@ class Trainer:
                              "text_dims": self.data.dims, "config": config.to_dict()}, self.paths["best"])
         if val_auc > loop.reference_auc * (1 + tr.tolerance):  # AUCs are >= 0; starts at -inf
             loop.reference_auc, loop.wait = val_auc, 0
-        else:
+        elif loop.epoch > config.inference.guide_warmup_epochs:  # warm-up epochs do not count towards patience
             loop.wait += 1
         say(f"epoch {loop.epoch:3d}  loss {means['loss']:.4f}  image NLL {means['image_nll']:.4f}  "
             f"text NLL {means['text_nll']:.4f}  KL {means['kl']:.3f}  beta {means['beta']:.2f}  "
@@ -373,13 +380,23 @@ class Trainer:
         self._check(None)  # a signal during validation: last.pt is written, stop here
 
     def _test(self) -> dict:
+        """The test report (`evaluate.report`); with a teacher q(y|z_T) (a guide and an MI head), its
+        block `teacher` too, from the test reports; for text_only those are the main numbers."""
         distributed.barrier()  # checkpoint.pt is written
         self.module.load_state_dict(load_checkpoint(self.paths["best"])["module"])
-        probs, labels = self._predictions(self.data.splits["test"])
+        test = self.data.splits["test"]
+        inf = self.config.inference
         extra = {"best_epoch": self.loop.best_epoch, "val_macro_auc": self.loop.best_auc,
                  "train_seconds": self.loop.seconds + (time.perf_counter() - self.saved_at),
                  "skipped": self.data.dataset.skipped, **self.logger.close(), "provenance": self.provenance}
-        inf = self.config.inference
+        if inf.objective != "text_only":  # first: the image predictions draw what they drew before the teacher
+            probs, labels = self._predictions(test)
+        if self.module.has_teacher:
+            teacher_probs, nll, teacher_labels = self._teacher(test)
+            extra["teacher"] = teacher_metrics(teacher_probs, nll, teacher_labels, split_label_mask(test), self.config,
+                                               inf.test_samples)
+        if inf.objective == "text_only":
+            probs, labels = teacher_probs, teacher_labels
         result = report(self.module, self.data, self.config, self.out_dir, "test", inf.test_samples, self.device,
                         extra, predictions=(probs, labels))
         distributed.barrier()  # no process leaves while rank 0 writes
@@ -423,6 +440,26 @@ class Trainer:
                 f"resume state written to {paths['last']}")
             raise Interrupted(f"interrupted by {name} at epoch {loop.epoch}, step {loop.step_in_epoch} of {self.T}; "
                               f"resume with: vkd-pyro train --resume {shlex.quote(str(self.out_dir))}", signum)
+
+    def _validation_auc(self, split) -> float:
+        """The validation macro AUC: from images (Algorithm 2), or for text_only the teacher's on the reports."""
+        if self.config.inference.objective == "text_only":
+            probs, _, labels = self._teacher(split)
+        else:
+            probs, labels = self._predictions(split)
+        return _macro_auc(probs, labels, split, self.config)
+
+    def _teacher(self, split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The teacher's (mean probabilities, per-class NLL, labels) of a whole split from its reports
+        (`evaluate.teacher_split`), sharded over processes like `_predictions`."""
+        distributed.broadcast_buffers(self.module)
+        config = self.config
+
+        def predict(part):
+            return teacher_split(self.module, part, config.inference.test_samples, config.train.eval_batch_size,
+                                 self.device, num_workers=config.data.num_workers)
+
+        return distributed.gather_predictions(predict, split, len(CLASSES))
 
     def _predictions(self, split) -> tuple[np.ndarray, np.ndarray]:
         """(mean probabilities, labels) of a whole split from images alone; with several processes,

@@ -1,0 +1,72 @@
+"""Objective `kd`: the text teacher's probabilities for the training split, computed once.
+
+The teacher is a finished `text_only` run folder (`inference.kd.teacher`: its config.yaml and
+checkpoint.pt). It must have read the same records with the same report encoder: its `data` and
+`text_encoder` sections equal this run's (ConfigError naming `inference.kd.teacher` otherwise), so
+that the training split and its token states are the same. For each training record the teacher's
+probability p_teacher,c is the mean over S = `inference.test_samples` draws z_T ~ q(z_T|x_T) of
+sigmoid(logit_c(z_T)) (`vkd_pyro.training.evaluate.teacher_split`, dropout off); the soft target
+is that probability at temperature T, sigmoid(logit(p_teacher,c) / T) (`vkd_pyro.models.tempered`).
+The draws use a generator of their own (seeded by the run's seed), not the run's: a resumed run
+recomputes the same targets and trains on as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vkd_pyro.classes import NUM_CLASSES
+from vkd_pyro.config import Config, load_config
+from vkd_pyro.errors import ConfigError, UserError
+from vkd_pyro.models import tempered
+from vkd_pyro.training.build import build_module
+from vkd_pyro.training.checkpoint import load_checkpoint
+from vkd_pyro.training.evaluate import teacher_split
+
+KEY = "inference.kd.teacher"
+SHARED_SECTIONS = ("data", "text_encoder")  # what the teacher must share with the student
+
+
+def load_teacher(config: Config, device) -> torch.nn.Module:
+    """The teacher module of `config` (objective kd) on `device`, in eval mode; ConfigError naming
+    inference.kd.teacher for a folder that is not a finished text_only run of the same data."""
+    folder = Path(config.inference.kd.teacher)
+    if not (folder / "config.yaml").is_file() or not (folder / "checkpoint.pt").is_file():
+        raise ConfigError(f"{KEY}: {folder} is not a finished run folder (it needs config.yaml and checkpoint.pt)")
+    try:
+        teacher_config = load_config(folder / "config.yaml")
+    except ConfigError as exc:
+        raise ConfigError(f"{KEY}: {exc}") from None
+    if teacher_config.inference.objective != "text_only":
+        raise ConfigError(f"{KEY}: {folder} was trained with objective {teacher_config.inference.objective}, "
+                          "not text_only")
+    ours, theirs = config.to_dict(), teacher_config.to_dict()
+    for section in SHARED_SECTIONS:
+        differ = sorted(k for k in ours[section] if ours[section][k] != theirs[section].get(k))
+        if differ:
+            raise ConfigError(f"{KEY}: {folder} read other data: {section}.{differ[0]} is "
+                              f"{theirs[section].get(differ[0])!r} there, {ours[section][differ[0]]!r} here")
+    checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    module = build_module(teacher_config, checkpoint.get("text_dims"))
+    try:
+        module.load_state_dict(checkpoint["module"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"{folder / 'checkpoint.pt'}: does not match its config.yaml ({str(exc).splitlines()[0]})") from None
+    return module.to(device).eval()
+
+
+def soft_targets(config: Config, data, device) -> torch.Tensor:
+    """(N, C) float32 on `device`: row i = the tempered teacher probabilities of dataset record i for
+    the training split's records, NaN elsewhere (never read: training batches hold training records)."""
+    teacher = load_teacher(config, device)
+    train = data.splits["train"]
+    table = torch.full((len(data.dataset), NUM_CLASSES), float("nan"))
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        probs, _, _ = teacher_split(teacher, train, config.inference.test_samples, config.train.eval_batch_size,
+                                    device)
+    table[torch.as_tensor(np.asarray(train.indices))] = tempered(torch.as_tensor(probs), config.inference.kd.temperature)
+    return table.to(device)
