@@ -418,7 +418,7 @@ def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, sampl
 
     # Fig. 3: Grad-CAM and report attention for chosen records.
     chosen = choose_records(test_labels, min(records, len(test)))
-    with_text = config.inference.uses_reports and getattr(test, "token_states", None) is not None
+    with_text = config.inference.has_guide and getattr(test, "token_states", None) is not None
     tokenizer = load_tokenizer(config.text_encoder.name) if chosen else None
     findings = [i for i, c in enumerate(CLASSES) if c != "No Finding"]
     kept = []

@@ -27,7 +27,7 @@ from vkd_pyro.errors import UserError
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.training.build import build_module
 from vkd_pyro.training.checkpoint import load_checkpoint
-from vkd_pyro.training.evaluate import predict_split, split_metrics
+from vkd_pyro.training.evaluate import predict_split, split_metrics, teacher_metrics, teacher_split
 from vkd_pyro.training.families import check_trusted
 from vkd_pyro.training.loop import resolve_device
 from vkd_pyro.training.run_folder import check_loadable, read_record
@@ -90,6 +90,9 @@ class Run:
         decoder reads) or a tensor (B, 1, H, W) / (B, H, W) of values in [0, 1] at the run's image size."""
         samples = samples or self.config.inference.test_samples
         batch_size = batch_size or self.config.train.eval_batch_size
+        if self.config.inference.objective == "text_only":
+            raise UserError(f"{self.folder}: a text_only run predicts from reports, not images (its test figures "
+                            "are in metrics.json; Run.evaluate recomputes them)")
         if torch.is_tensor(images):
             paths, tensor = None, images if images.dim() == 4 else images.unsqueeze(1)
             chunks = [tensor[i:i + batch_size] for i in range(0, len(tensor), batch_size)]
@@ -110,17 +113,24 @@ class Run:
                           [str(p) for p in paths] if paths is not None else None)
 
     def evaluate(self, split: str = "test", samples: Optional[int] = None) -> dict:
-        """What metrics.json holds for `split` (per-class, macro, micro AUC from images alone), computed
-        now on this run's dataset; nothing is written."""
+        """What metrics.json holds for `split`, computed now on this run's dataset (nothing is written):
+        per-class, macro and micro AUC from images alone (Algorithm 2), and for runs with a guide and an
+        MI head the `teacher` block, q(y|z_T) on the reports (for text_only, the main figures)."""
         samples = samples or self.config.inference.test_samples
-        data = prepare_data(self.config, with_reports=False)
+        teacher = self.module.has_teacher
+        data = prepare_data(self.config, with_reports=teacher, device=self.device)
         if split not in data.splits:
             raise UserError(f"split {split!r}: not one of {', '.join(data.splits)}")
-        part = data.splits[split]
-        probs, _, labels = predict_split(self.module, part, samples, self.config.train.eval_batch_size, self.device)
-        return split_metrics(probs, labels, split_label_mask(part), self.config, split, samples,
-                             {"best_epoch": self.checkpoint.get("epoch"),
-                              "val_macro_auc": self.checkpoint.get("val_macro_auc")})
+        part, mask, batch = data.splits[split], split_label_mask(data.splits[split]), self.config.train.eval_batch_size
+        extra = {"best_epoch": self.checkpoint.get("epoch"), "val_macro_auc": self.checkpoint.get("val_macro_auc")}
+        if teacher:
+            teacher_probs, teacher_nll, labels = teacher_split(self.module, part, samples, batch, self.device)
+            extra["teacher"] = teacher_metrics(teacher_probs, teacher_nll, labels, mask, self.config, samples)
+        if self.config.inference.objective == "text_only":  # no image side: its figures are the teacher's
+            return split_metrics(teacher_probs, labels, mask, self.config, split, samples,
+                                 {"evaluated_on": "reports", **extra})
+        probs, _, labels = predict_split(self.module, part, samples, batch, self.device)
+        return split_metrics(probs, labels, mask, self.config, split, samples, {"evaluated_on": "images", **extra})
 
 
 def load_run(run_dir, device: str = "cpu", trust_code: bool = False) -> Run:

@@ -34,6 +34,9 @@ def add_analysis_commands(commands) -> None:
         "(skipping runs that finished before: those with metrics.json), then write DIR/sweep.csv, "
         "DIR/sweep.md (mean ± std over seeds) and DIR/sweep.png.")
     _add_run_options(sweep, "seeds per grid point: seed, seed+1, ... (default 1)", "sweep folder")
+    sweep.add_argument("--baseline", default=None, metavar="key=value[,key=value]",
+                       help="a grid point: sweep.md gives each row's macro-AUC difference to it with a 95%% interval "
+                       "(paired bootstrap over test records, pooled over seeds)")
     sweep.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                        help="a config key and its values (repeat for more keys), e.g. inference.num_particles=1,4,16")
     sweep.add_argument("--overwrite", action="store_true",
@@ -94,11 +97,11 @@ def _cmd_compare(args) -> None:
 
 
 def _cmd_sweep(args) -> None:
-
     if not args.grid:
         raise UserError("sweep: give at least one --grid key=v1,v2,...")
     result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
-                       progress=False if args.no_progress else None, overwrite=args.overwrite)
+                       progress=False if args.no_progress else None, overwrite=args.overwrite,
+                       baseline=args.baseline)
     if result.rows:
         print("\n" + (Path(args.out) / "sweep.md").read_text())
     if result.failed:

@@ -13,7 +13,7 @@ from vkd_pyro.errors import UserError
 def build_real_dataset(config: Config, say=logs.info):
     """The real dataset `config.data.name` with the config's options (images cached in its cache dir).
 
-    chestxray14 has no reports: an objective that reads them (`vkd`, `no_mi`) is a UserError here,
+    chestxray14 has no reports: an objective that reads them (`vkd`, `no_mi`, `text_only`, `kd`) is a UserError here,
     before any image is decoded.
     """
     data = config.data
