@@ -17,7 +17,7 @@ from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.models import DistilledModel, tempered
 from vkd_pyro.training.evaluate import teacher_split
 from vkd_pyro.training.loop import fit
-from vkd_pyro.training.teacher import load_teacher, soft_targets
+from vkd_pyro.training.teacher import load_teacher, soft_targets, teacher_folder
 
 
 def test_distillation_loss_is_hard_plus_tempered_soft_bce():
@@ -95,11 +95,13 @@ def test_kd_trains_a_student_from_a_text_only_teacher(teacher_run, tmp_path):
 def test_a_teacher_that_is_not_a_text_only_run_of_the_same_data_is_refused(teacher_run, tmp_path):
     folder, base = teacher_run
     cases = [(tmp_path / "nowhere", "is not a finished run folder"),
-             (folder, r"read other data: data\.image_size is 32 there, 48 here")]
-    for teacher, message in cases:
-        overrides = base + ["inference.objective=kd", f"inference.kd.teacher={teacher}", "data.image_size=48"]
+             (folder, r"read other data: data\.split_seed is 0 there, 1 here")]
+    for teacher, message in cases:  # image-only keys (data.image_size) may differ: a text teacher never sees them
+        overrides = base + ["inference.objective=kd", f"inference.kd.teacher={teacher}", "data.split_seed=1",
+                            "data.image_size=48"]
         with pytest.raises(ConfigError, match=rf"^inference\.kd\.teacher: .*{message}"):
             fit(config_from_dict({}, "tiny", overrides), tmp_path / "student", progress=False)
+    assert not (tmp_path / "student").exists()  # refused before the run folder was made
     (tmp_path / "vkd").mkdir()
     config_yaml = (folder / "config.yaml").read_text().replace("objective: text_only", "objective: vkd")
     (tmp_path / "vkd" / "config.yaml").write_text(config_yaml)
@@ -107,3 +109,12 @@ def test_a_teacher_that_is_not_a_text_only_run_of_the_same_data_is_refused(teach
     with pytest.raises(ConfigError, match=r"^inference\.kd\.teacher: .* trained with objective vkd, not text_only"):
         fit(config_from_dict({}, "tiny", base + ["inference.objective=kd", f"inference.kd.teacher={tmp_path / 'vkd'}"]),
             tmp_path / "student2", progress=False)
+
+
+def test_the_teacher_path_names_the_runs_own_seed_and_data_values():
+    config = config_from_dict({"seed": 2, "data": {"train_fraction": 0.3}, "inference": {
+        "objective": "kd", "kd": {"teacher": "t/runs/data.train_fraction={data.train_fraction}-seed{seed}"}}})
+    assert str(teacher_folder(config)) == "t/runs/data.train_fraction=0.3-seed2"
+    config.inference.kd.teacher = "t/{nothing}"
+    with pytest.raises(ConfigError, match=r"inference.kd.teacher: 't/\{nothing\}' names an unknown value"):
+        teacher_folder(config)

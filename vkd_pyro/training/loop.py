@@ -61,7 +61,7 @@ from vkd_pyro.training.resume import (
 )
 from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
-from vkd_pyro.training.teacher import soft_targets
+from vkd_pyro.training.teacher import check_teacher, soft_targets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -172,6 +172,8 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
     check_families(config)  # before any data is read
     check_objective(config)
+    if config.inference.objective == "kd":
+        check_teacher(config)  # its folder and data, before this run's folder is claimed
     check_writable(config.resolved_cache_dir(), "cache_dir")
     out_dir = Path(out_dir)
     ctx, device = distributed.init_from_env(resolve_device(config.device))

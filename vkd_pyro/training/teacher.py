@@ -1,9 +1,12 @@
 """Objective `kd`: the text teacher's probabilities for the training split, computed once.
 
 The teacher is a finished `text_only` run folder (`inference.kd.teacher`: its config.yaml and
-checkpoint.pt). It must have read the same records with the same report encoder: its `data` and
-`text_encoder` sections equal this run's (ConfigError naming `inference.kd.teacher` otherwise), so
-that the training split and its token states are the same. For each training record the teacher's
+checkpoint.pt). The path may name the run's own values in braces, `{seed}` and `{data.<key>}`
+(e.g. `teachers/runs/data.train_fraction={data.train_fraction}-seed{seed}`), so that one sweep
+distils each seed and training fraction from its own teacher. The teacher must have read the same
+records with the same report encoder: its `data` section (but for the keys that only change the
+images: IMAGE_KEYS) and its `text_encoder` section equal this run's (ConfigError naming
+`inference.kd.teacher` otherwise), so that the training split and its token states are the same. For each training record the teacher's
 probability p_teacher,c is the mean over S = `inference.test_samples` draws z_T ~ q(z_T|x_T) of
 sigmoid(logit_c(z_T)) (`vkd_pyro.training.evaluate.teacher_split`, dropout off); the soft target
 is that probability at temperature T, sigmoid(logit(p_teacher,c) / T) (`vkd_pyro.models.tempered`).
@@ -28,12 +31,23 @@ from vkd_pyro.training.evaluate import teacher_split
 
 KEY = "inference.kd.teacher"
 SHARED_SECTIONS = ("data", "text_encoder")  # what the teacher must share with the student
+IMAGE_KEYS = ("image_size", "signal", "difficulty", "num_workers")  # data keys a text teacher does not see
 
 
-def load_teacher(config: Config, device) -> torch.nn.Module:
-    """The teacher module of `config` (objective kd) on `device`, in eval mode; ConfigError naming
-    inference.kd.teacher for a folder that is not a finished text_only run of the same data."""
-    folder = Path(config.inference.kd.teacher)
+def teacher_folder(config: Config) -> Path:
+    """`inference.kd.teacher` with `{seed}` and `{data.<key>}` filled in from `config`."""
+    try:
+        return Path(config.inference.kd.teacher.format(seed=config.seed, data=config.data))
+    except (KeyError, AttributeError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{KEY}: {config.inference.kd.teacher!r} names an unknown value ({exc}); use "
+                          "{seed} or {data.<key>}") from None
+
+
+def check_teacher(config: Config) -> tuple[Path, Config]:
+    """(the teacher's folder, its config) for `config` (objective kd), before any data is read;
+    ConfigError naming inference.kd.teacher for a folder that is not a finished text_only run of the
+    same data."""
+    folder = teacher_folder(config)
     if not (folder / "config.yaml").is_file() or not (folder / "checkpoint.pt").is_file():
         raise ConfigError(f"{KEY}: {folder} is not a finished run folder (it needs config.yaml and checkpoint.pt)")
     try:
@@ -45,10 +59,17 @@ def load_teacher(config: Config, device) -> torch.nn.Module:
                           "not text_only")
     ours, theirs = config.to_dict(), teacher_config.to_dict()
     for section in SHARED_SECTIONS:
-        differ = sorted(k for k in ours[section] if ours[section][k] != theirs[section].get(k))
+        differ = sorted(k for k in ours[section] if ours[section][k] != theirs[section].get(k)
+                        and not (section == "data" and k in IMAGE_KEYS))
         if differ:
             raise ConfigError(f"{KEY}: {folder} read other data: {section}.{differ[0]} is "
                               f"{theirs[section].get(differ[0])!r} there, {ours[section][differ[0]]!r} here")
+    return folder, teacher_config
+
+
+def load_teacher(config: Config, device) -> torch.nn.Module:
+    """The teacher module of `config` (objective kd) on `device`, in eval mode (`check_teacher` first)."""
+    folder, teacher_config = check_teacher(config)
     checkpoint = load_checkpoint(folder / "checkpoint.pt")
     module = build_module(teacher_config, checkpoint.get("text_dims"))
     try:
