@@ -22,6 +22,7 @@ Grid values are YAML, as in dotted overrides; a value that itself holds commas i
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -35,11 +36,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
+from vkd_pyro.analysis.launch import Job, LocalLauncher
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
-from vkd_pyro.files import atomic_path, write_text
+from vkd_pyro.files import atomic_path, write_json, write_text
+from vkd_pyro.training.distributed import say
 from vkd_pyro.training.loop import fit as train_fit
 
 # Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
@@ -363,16 +366,43 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
     return rows
 
 
+def train_planned(task: tuple, fit: Optional[Callable] = None) -> dict:
+    """Train one planned run and evaluate it: what a launcher's job does (in this process or a worker).
+
+    `task` = (config path, PlannedRun, progress). An interrupted run continues from its resume
+    state last.pt where training wrote one (`fit(resume=True)`); a finished one gets sweep_run.json
+    (:func:`evaluate_run`). Returns {"error": None, "wall_seconds": training seconds}, or {"error":
+    message} for a UserError (e.g. divergence), which leaves the run unfinished.
+    """
+    config_path, run, progress = task
+    fit = fit or train_fit
+    resume = (run.folder / "last.pt").is_file()
+    config = load_config(config_path, run.overrides)
+    started = time.perf_counter()
+    try:
+        fit(config, run.folder, progress=progress, **({"resume": True} if resume else {}))
+    except UserError as exc:
+        return {"error": str(exc)}
+    wall = time.perf_counter() - started
+    if not is_finished(run.folder):
+        return {"error": "training wrote no metrics.json"}
+    evaluate_run(run.folder, wall)
+    return {"error": None, "wall_seconds": wall}
+
+
 def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overrides: Sequence[str] = (),
               progress: Optional[bool] = False, fit: Optional[Callable] = None,
-              say: Callable[[str], None] = print) -> SweepResult:
+              say: Callable[[str], None] = say, launcher=None) -> SweepResult:
     """Train the planned runs that are not finished, then (re)write sweep.csv, sweep.md and sweep.png.
 
-    `fit` defaults to :func:`vkd_pyro.training.loop.fit` (tests pass a counting wrapper). A run that fails
-    with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
-    started again tries it again.
+    `launcher` (:mod:`vkd_pyro.analysis.launch`) trains them: one after another in this process
+    (the default, LocalLauncher(1)), on N local workers with a thread share each, or as submitit
+    jobs; each runs :func:`train_planned`. `fit` defaults to :func:`vkd_pyro.training.loop.fit`
+    (tests pass a counting wrapper; for workers it must pickle). A run that fails (a UserError such
+    as divergence, or a worker that died) is reported, its message kept in its error.txt, and left
+    unfinished; the others go on; a sweep started again tries it again. The tables are rewritten as
+    each run ends, the plot at the end.
     """
-    fit = fit or train_fit
     out_dir = Path(out_dir)
     runs = plan(config_path, axes, seeds, out_dir, overrides)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
@@ -380,10 +410,10 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     title = f"Sweep of {config_path}"
     notes = [f"grid: {grid_text}", f"seeds: {seeds} ({', '.join(str(r.seed) for r in runs[:seeds])})",
              f"overrides: {' '.join(overrides) or '(none)'}"]
-    (out_dir / "sweep.json").write_text(json.dumps(
-        {"config": str(config_path), "grid": {a.key: a.texts for a in axes}, "seeds": seeds,
-         "overrides": list(overrides)}, indent=2))
-    ran, skipped, failed = [], [], {}
+    write_json(out_dir / "sweep.json", {"config": str(config_path), "grid": {a.key: a.texts for a in axes},
+                                        "seeds": seeds, "overrides": list(overrides)})
+    launcher = launcher or LocalLauncher(1)
+    ran, skipped, failed, jobs = [], [], {}, []
     for i, run in enumerate(runs, 1):
         where = f"[{i}/{len(runs)}] {run.name}"
         if is_finished(run.folder):
@@ -392,26 +422,26 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
                 evaluate_run(run.folder)
             say(f"{where}: finished before, skipped")
             continue
-        # An interrupted run continues from its resume state (last.pt) where training wrote one.
-        resume = (run.folder / "last.pt").is_file()
-        say(f"{where}: " + ("resuming from last.pt" if resume else "training"))
-        config = load_config(config_path, run.overrides)
-        started = time.perf_counter()
-        try:
-            fit(config, run.folder, progress=progress, **({"resume": True} if resume else {}))
-        except UserError as exc:
-            failed[run.name] = str(exc)
-            (run.folder / "error.txt").write_text(str(exc) + "\n")
-            say(f"{where}: failed: {exc}")
-            continue
-        wall = time.perf_counter() - started
-        if not is_finished(run.folder):
-            failed[run.name] = "training wrote no metrics.json"
-            continue
-        (run.folder / "error.txt").unlink(missing_ok=True)
-        evaluate_run(run.folder, wall)
-        ran.append(run.name)
+        action = "resuming from last.pt" if (run.folder / "last.pt").is_file() else "training"
+        jobs.append(Job(run.name, (str(config_path), run, progress), run.folder, f"{where}: {action}"))
+    folders = {job.name: job.folder for job in jobs}
+    labels = {job.name: job.label.rsplit(": ", 1)[0] for job in jobs}
+
+    def done(name: str, record: dict) -> None:
+        error = (record.get("result") or {}).get("error") if record.get("error") is None else record["error"]
+        if error is not None:
+            failed[name] = error
+            write_text(folders[name] / "error.txt", error + "\n")
+            say(f"{labels[name]}: failed: {error}")
+            return
+        (folders[name] / "error.txt").unlink(missing_ok=True)
+        ran.append(name)
         write_outputs(runs, axes, out_dir, title, notes, plot=False)  # the tables so far; the plot at the end
+
+    if jobs:
+        say(f"sweep: {len(jobs)} run(s) to train: {launcher.describe()}")
+        work = train_planned if fit is None else functools.partial(train_planned, fit=fit)
+        launcher.run(jobs, work, done, say)
     rows = write_outputs(runs, axes, out_dir, title, notes)
     say(f"sweep: {len(ran)} trained, {len(skipped)} finished before, {len(failed)} failed; "
         f"wrote {out_dir}/sweep.csv, sweep.md" + (", sweep.png" if rows else ""))
