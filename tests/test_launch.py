@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.tiny_runs import tiny_overrides
-from vkd_pyro.analysis.launch import RECORD, parse_minutes, thread_share
+from vkd_pyro.analysis.launch import RECORD, WORKER_LOG, Job, LocalLauncher, parse_minutes, thread_share
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.data.prepare import prepare_data
@@ -65,6 +65,28 @@ def test_missing_submitit_names_the_extra(tmp_path, capsys, monkeypatch):
     code = main(["sweep", "--config", "configs/demo.yaml", *GRID, "--out", str(tmp_path / "out"),
                  "--launcher", "submitit", *TINY])
     assert code == 2 and "pip install vkd-pyro[cluster]" in capsys.readouterr().err
+
+
+def crash_but_on_a(task) -> dict:
+    if task != "a":
+        raise ValueError(f"worker bug on {task}")
+    return {"error": None, "task": task}
+
+
+def test_a_crashed_worker_is_a_failed_run_and_the_others_go_on(tmp_path, monkeypatch):
+    # pytest imports this file as `test_launch`: the workers unpickle `work` from there
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    jobs = [Job(name, name, tmp_path / name) for name in ("a", "b", "c")]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / RECORD).write_text('{"stale": true}')  # from an earlier attempt: not read back
+    done = {}
+    LocalLauncher(2).run(jobs, crash_but_on_a, done.__setitem__, say=lambda line: None)
+    assert done["a"]["result"] == {"error": None, "task": "a"} and done["a"]["threads"] == thread_share(2)
+    for name in ("b", "c"):
+        assert done[name]["result"] is None
+        assert done[name]["error"].startswith("worker exited with status 1 (ValueError: worker bug on " + name)
+        assert "Traceback" in (tmp_path / name / WORKER_LOG).read_text()
+        assert not (tmp_path / name / RECORD).exists() and not (tmp_path / name / "launch_task.pkl").exists()
 
 
 def test_two_local_workers_train_side_by_side_with_their_thread_share(tmp_path, cache, capsys):

@@ -202,9 +202,11 @@ class LocalLauncher:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            on_done(job.name, self._collect(process, job))
-        raise Interrupted(f"sweep stopped by signal {stopped}: the runs that were training wrote last.pt; "
-                          "the same command goes on where it stopped", stopped)
+            record = self._collect(process, job)
+            if process.returncode == 0:  # it ended before the signal reached it
+                on_done(job.name, record)
+        raise Interrupted(f"sweep stopped by {signal.Signals(stopped).name}: the runs that were training wrote "
+                          "their resume state last.pt; the same command goes on where it stopped", stopped)
 
     def _start(self, work, job: Job) -> subprocess.Popen:
         folder = Path(job.folder)
@@ -326,8 +328,8 @@ class SubmititLauncher:
         for s in submitted:
             if not s.done():
                 s.cancel(check=False)
-        raise Interrupted(f"sweep stopped by signal {stopped}: its jobs were cancelled after writing last.pt; "
-                          "the same command goes on where it stopped", stopped)
+        raise Interrupted(f"sweep stopped by {signal.Signals(stopped).name}: its jobs were cancelled (training "
+                          "writes its resume state last.pt); the same command goes on where it stopped", stopped)
 
     def _collect(self, done, job: Job) -> dict:
         try:
