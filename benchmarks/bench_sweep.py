@@ -10,7 +10,7 @@ this process with its threads as they are (torch's default: one per core), jobs 
 processes with max(1, cores // N) threads each (the cores' threads shared, not multiplied). With
 `--repeats R` the variants alternate R times; the medians are printed with their ratio.
 
-Run: .venv/bin/python benchmarks/bench_sweep.py [--reports 400] [--epochs 4] [--seeds 2] [--jobs 1 2] [--repeats 1]
+Run: .venv/bin/python benchmarks/bench_sweep.py [--reports 400] [--epochs 60] [--seeds 2] [--jobs 1 2] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def time_sweep(jobs: int, folder: Path, overrides: list[str], seeds: int) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=400, help="data.max_reports (default 400)")
-    parser.add_argument("--epochs", type=int, default=4, help="train.max_epochs, no early stopping (default 4)")
+    parser.add_argument("--epochs", type=int, default=60, help="train.max_epochs, no early stopping (default 60)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per grid point (default 2: 4 runs)")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="the variants (default 1 2)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds (default 1)")

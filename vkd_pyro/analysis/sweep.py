@@ -8,6 +8,9 @@
   again skips the finished runs and trains the others; an interrupted one continues from its resume
   state last.pt when it has one (`fit(resume=True)`), else starts afresh (its wall time then counts
   only the resumed part);
+- the runs train one after another in this process, side by side on `--jobs N` local worker
+  processes with a share of the cores' threads each, or as cluster jobs (`--launcher submitit`):
+  :mod:`vkd_pyro.analysis.launch`; each job trains and evaluates its run (:func:`train_planned`);
 - after each run the module is evaluated once more on the test split (:func:`vkd_pyro.analysis.diagnostics.
   summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE) and the
   result is kept in the run folder as ``sweep_run.json`` (with the wall time of the run);
@@ -413,9 +416,9 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     write_json(out_dir / "sweep.json", {"config": str(config_path), "grid": {a.key: a.texts for a in axes},
                                         "seeds": seeds, "overrides": list(overrides)})
     launcher = launcher or LocalLauncher(1)
-    ran, skipped, failed, jobs = [], [], {}, []
+    ran, skipped, failed, jobs, wheres = [], [], {}, [], {}
     for i, run in enumerate(runs, 1):
-        where = f"[{i}/{len(runs)}] {run.name}"
+        where = wheres[run.name] = f"[{i}/{len(runs)}] {run.name}"
         if is_finished(run.folder):
             skipped.append(run.name)
             if not (run.folder / RUN_SUMMARY).is_file():
@@ -425,14 +428,14 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
         action = "resuming from last.pt" if (run.folder / "last.pt").is_file() else "training"
         jobs.append(Job(run.name, (str(config_path), run, progress), run.folder, f"{where}: {action}"))
     folders = {job.name: job.folder for job in jobs}
-    labels = {job.name: job.label.rsplit(": ", 1)[0] for job in jobs}
 
     def done(name: str, record: dict) -> None:
-        error = (record.get("result") or {}).get("error") if record.get("error") is None else record["error"]
-        if error is not None:
+        """A job ended: its launch record's error (the worker died) or its result's (a UserError)."""
+        error = record.get("error") or (record.get("result") or {}).get("error")
+        if error:
             failed[name] = error
             write_text(folders[name] / "error.txt", error + "\n")
-            say(f"{labels[name]}: failed: {error}")
+            say(f"{wheres[name]}: failed: {error}")
             return
         (folders[name] / "error.txt").unlink(missing_ok=True)
         ran.append(name)
