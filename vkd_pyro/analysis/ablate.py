@@ -106,8 +106,9 @@ def format_table(table: int, rows: Sequence[dict], axis: Axis, dataset: str, see
 
 def ablate(config_path: str, table: int, seeds: int, out_dir, overrides: Sequence[str] = (),
            values: Optional[Sequence[str]] = None, progress: Optional[bool] = False,
-           fit: Optional[Callable] = None, say: Callable[[str], None] = print) -> str:
-    """Run (or resume) the ablation of Table `table`, write DIR/table<table>.md and return its text."""
+           fit: Optional[Callable] = None, say: Callable[[str], None] = print, launcher=None) -> str:
+    """Run (or resume) the ablation of Table `table` (with `launcher`, as :func:`run_sweep`), write
+    DIR/table<table>.md and return its text."""
     axis = table_axis(table, values)
     for override in overrides:
         assignment = split_assignment(override)
@@ -115,7 +116,8 @@ def ablate(config_path: str, table: int, seeds: int, out_dir, overrides: Sequenc
             raise UserError(f"{override}: Table {table} varies {axis.key} itself")
     dataset = load_config(config_path, overrides).data.name
     out_dir = Path(out_dir)
-    result = run_sweep(config_path, [axis], seeds, out_dir, overrides, progress=progress, fit=fit, say=say)
+    result = run_sweep(config_path, [axis], seeds, out_dir, overrides, progress=progress, fit=fit, say=say,
+                       launcher=launcher)
     base = TABLES[table].get("baseline")
     differences = (baseline_differences(result.rows, [axis], out_dir / "runs", {axis.key: base})
                    if base and base in axis.texts else None)

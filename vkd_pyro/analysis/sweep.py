@@ -12,6 +12,9 @@
   (vkd_pyro.training.run_folder). A sweep started again skips the finished runs and trains the others;
   an interrupted one continues from its resume state last.pt when it has one (`fit(resume=True)`),
   else starts afresh (its wall time then counts only the resumed part);
+- the runs train one after another in this process, side by side on `--jobs N` local worker
+  processes with a share of the cores' threads each, or as cluster jobs (`--launcher submitit`):
+  :mod:`vkd_pyro.analysis.launch`; each job trains and evaluates its run (:func:`train_planned`);
 - after each run the module is evaluated once more on the test split (:func:`vkd_pyro.analysis.diagnostics.
   summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE) and the
   result is kept in the run folder as ``sweep_run.json`` (with the wall time of the run);
@@ -27,6 +30,7 @@ Grid values are YAML, as in dotted overrides; a value that itself holds commas i
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -42,12 +46,14 @@ from matplotlib.figure import Figure
 
 from vkd_pyro.analysis.compare import pooled_bootstrap
 from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
+from vkd_pyro.analysis.launch import Job, LocalLauncher
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path, write_json, write_text
 from vkd_pyro.training import distributed
+from vkd_pyro.training.distributed import say
 from vkd_pyro.training.loop import fit as train_fit
 from vkd_pyro.training.predictions import read_predictions
 from vkd_pyro.training.run_folder import config_differences, flatten, folder_lock, move_aside, read_record, run_entries
@@ -528,56 +534,83 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
     return rows
 
 
+def train_planned(task: tuple, fit: Optional[Callable] = None) -> dict:
+    """Train one planned run and evaluate it: what a launcher's job does (in this process or a worker).
+
+    `task` = (config path, PlannedRun, progress). An interrupted run continues from its resume
+    state last.pt where training wrote one (`fit(resume=True)`); a finished one gets sweep_run.json
+    (:func:`evaluate_run`). Returns {"error": None, "wall_seconds": training seconds}, or {"error":
+    message} for a UserError (e.g. divergence), which leaves the run unfinished.
+    """
+    config_path, run, progress = task
+    fit = fit or train_fit
+    resume = (run.folder / "last.pt").is_file()
+    config = load_config(config_path, run.overrides)
+    started = time.perf_counter()
+    try:
+        fit(config, run.folder, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
+    except UserError as exc:
+        return {"error": str(exc)}
+    wall = time.perf_counter() - started
+    if not is_finished(run.folder):
+        return {"error": "training wrote no metrics.json"}
+    evaluate_run(run.folder, wall)
+    return {"error": None, "wall_seconds": wall}
+
+
 def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overrides: Sequence[str] = (),
               progress: Optional[bool] = False, fit: Optional[Callable] = None,
-              say: Callable[[str], None] = print, overwrite: bool = False,
-              baseline: Optional[str] = None) -> SweepResult:
+              say: Callable[[str], None] = say, overwrite: bool = False, baseline: Optional[str] = None,
+              launcher=None) -> SweepResult:
     """Train the planned runs that are not finished, then (re)write sweep.csv, sweep.md and sweep.png.
 
-    `baseline` (`--baseline key=value`, a grid point) adds each row's macro-AUC difference to it to sweep.md.
-
-    `fit` defaults to :func:`vkd_pyro.training.loop.fit` (tests pass a counting wrapper). A run that fails
-    with a UserError (e.g. divergence) is reported and left unfinished; the others go on; a sweep
-    started again tries it again.
+    `launcher` (:mod:`vkd_pyro.analysis.launch`) trains them: one after another in this process
+    (the default, LocalLauncher(1)), on N local workers with a thread share each, or as submitit
+    jobs; each runs :func:`train_planned`. `fit` defaults to :func:`vkd_pyro.training.loop.fit`
+    (tests pass a counting wrapper; for workers it must pickle). A run that fails (a UserError such
+    as divergence, or a worker that died) is reported, its message kept in its error.txt, and left
+    unfinished; the others go on; a sweep started again tries it again. The tables are rewritten as
+    each run ends, the plot at the end. `baseline` (`--baseline key=value`, a grid point) adds each
+    row's macro-AUC difference to it to sweep.md.
     """
-    fit = fit or train_fit
     out_dir = Path(out_dir)
     runs = plan(config_path, axes, seeds, out_dir, overrides, overwrite)
     point = parse_baseline(baseline, axes)  # a bad --baseline is refused before any run
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     title = f"Sweep of {config_path}"
-    notes = []  # recorded_notes: from the run folders' configs
+    notes: list = []  # recorded_notes: from the run folders' configs
     write_json(out_dir / "sweep.json", {"config": str(config_path), "grid": {a.key: a.texts for a in axes},
                                         "seeds": seeds, "overrides": list(overrides)})
-    ran, skipped, failed = [], [], {}
+    launcher = launcher or LocalLauncher(1)
+    ran, skipped, failed, jobs, wheres = [], [], {}, [], {}
     for i, run in enumerate(runs, 1):
-        where = f"[{i}/{len(runs)}] {run.name}"
+        where = wheres[run.name] = f"[{i}/{len(runs)}] {run.name}"
         if is_finished(run.folder):
             skipped.append(run.name)
             if not (run.folder / RUN_SUMMARY).is_file():
                 evaluate_run(run.folder)
             say(f"{where}: finished before, skipped")
             continue
-        # An interrupted run continues from its resume state (last.pt) where training wrote one.
-        resume = (run.folder / "last.pt").is_file()
-        say(f"{where}: " + ("resuming from last.pt" if resume else "training"))
-        config = load_config(config_path, run.overrides)
-        started = time.perf_counter()
-        try:
-            fit(config, run.folder, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
-        except UserError as exc:
-            failed[run.name] = str(exc)
-            write_text(run.folder / "error.txt", str(exc) + "\n")
-            say(f"{where}: failed: {exc}")
-            continue
-        wall = time.perf_counter() - started
-        if not is_finished(run.folder):
-            failed[run.name] = "training wrote no metrics.json"
-            continue
-        (run.folder / "error.txt").unlink(missing_ok=True)
-        evaluate_run(run.folder, wall)
-        ran.append(run.name)
+        action = "resuming from last.pt" if (run.folder / "last.pt").is_file() else "training"
+        jobs.append(Job(run.name, (str(config_path), run, progress), run.folder, f"{where}: {action}"))
+    folders = {job.name: job.folder for job in jobs}
+
+    def done(name: str, record: dict) -> None:
+        """A job ended: its launch record's error (the worker died) or its result's (a UserError)."""
+        error = record.get("error") or (record.get("result") or {}).get("error")
+        if error:
+            failed[name] = error
+            write_text(folders[name] / "error.txt", error + "\n")
+            say(f"{wheres[name]}: failed: {error}")
+            return
+        (folders[name] / "error.txt").unlink(missing_ok=True)
+        ran.append(name)
         write_outputs(runs, axes, out_dir, title, notes, plot=False, baseline=point)  # so far; the plot at the end
+
+    if jobs:
+        say(f"sweep: {len(jobs)} run(s) to train: {launcher.describe()}")
+        work = train_planned if fit is None else functools.partial(train_planned, fit=fit)
+        launcher.run(jobs, work, done, say)
     rows = write_outputs(runs, axes, out_dir, title, notes, baseline=point)
     say(f"sweep: {len(ran)} trained, {len(skipped)} finished before, {len(failed)} failed; "
         f"wrote {out_dir}/sweep.csv, sweep.md" + (", sweep.png" if rows else ""))

@@ -11,6 +11,7 @@ from vkd_pyro.analysis.ablate import ablate
 from vkd_pyro.analysis.compare import compare_targets, format_comparison
 from vkd_pyro.analysis.diagnostics import diagnose, format_diagnostics
 from vkd_pyro.analysis.figures import make_figures
+from vkd_pyro.analysis.launch import make_launcher, parse_minutes
 from vkd_pyro.analysis.sweep import parse_grid, run_sweep
 from vkd_pyro.errors import UserError
 
@@ -24,6 +25,21 @@ def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    launch = parser.add_argument_group("launching the runs")
+    launch.add_argument("--launcher", default="local", choices=["local", "submitit"],
+                        help="local: on this machine (default); submitit: one cluster job per run (SLURM), "
+                        "needs pip install vkd-pyro[cluster]")
+    launch.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="local: N runs side by side in worker processes, each with max(1, cores // N) "
+                        "threads (default 1: one after another in this process)")
+    launch.add_argument("--slurm-partition", default=None, help="submitit: the partition")
+    launch.add_argument("--slurm-time", default=None, metavar="TIME",
+                        help="submitit: time limit per run, MINUTES, HH:MM:SS or D-HH:MM[:SS] (default 240 minutes)")
+    launch.add_argument("--slurm-gpus", type=int, default=None, metavar="G", help="submitit: GPUs per run (default 0)")
+    launch.add_argument("--slurm-cpus", type=int, default=None, metavar="C",
+                        help="submitit: CPUs per run, also its threads (default: the cluster's)")
+    launch.add_argument("--submitit-cluster", default=None, choices=["slurm", "local"],
+                        help="submitit: the executor (default: slurm where srun is found, else local)")
 
 
 def add_analysis_commands(commands) -> None:
@@ -96,12 +112,20 @@ def _cmd_compare(args) -> None:
         print(note)
 
 
+def _launcher(args):
+    """The launcher the --launcher, --jobs and --slurm-* options describe (submitit's files in OUT/submitit)."""
+    slurm = {"partition": args.slurm_partition, "gpus": args.slurm_gpus, "cpus": args.slurm_cpus,
+             "cluster": args.submitit_cluster,
+             "time_minutes": None if args.slurm_time is None else parse_minutes(args.slurm_time)}
+    return make_launcher(args.launcher, args.jobs, Path(args.out) / "submitit", **slurm)
+
+
 def _cmd_sweep(args) -> None:
     if not args.grid:
         raise UserError("sweep: give at least one --grid key=v1,v2,...")
     result = run_sweep(args.config, parse_grid(args.grid), args.seeds, Path(args.out), args.overrides,
                        progress=False if args.no_progress else None, overwrite=args.overwrite,
-                       baseline=args.baseline)
+                       baseline=args.baseline, launcher=_launcher(args))
     if result.rows:
         print("\n" + (Path(args.out) / "sweep.md").read_text())
     if result.failed:
@@ -113,7 +137,7 @@ def _cmd_ablate(args) -> None:
 
     values = [v for v in args.values.split(",") if v.strip()] if args.values else None
     text = ablate(args.config, args.table, args.seeds, Path(args.out), args.overrides, values,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None, launcher=_launcher(args))
     print("\n" + text)
 
 
