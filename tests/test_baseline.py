@@ -11,6 +11,7 @@ from vkd_pyro.analysis.ablate import format_table, table_axis
 from vkd_pyro.analysis.compare import pooled_bootstrap
 from vkd_pyro.analysis.sweep import Axis, PlannedRun, baseline_differences, parse_baseline, run_name, write_outputs
 from vkd_pyro.classes import CLASSES
+from vkd_pyro.config import config_from_dict, save_config
 from vkd_pyro.errors import UserError
 from vkd_pyro.training.predictions import write_predictions
 
@@ -35,6 +36,7 @@ def make_runs(root, axis, seeds, missing=()):
             folder = root / "runs" / name
             probs = probs_for(text, seed)
             write_predictions(folder, "test", probs, LABELS, CLASSES, meta={"seed": seed, "objective": text})
+            save_config(config_from_dict({}, overrides=[f"{axis.key}={text}", f"seed={seed}"]), folder / "config.yaml")
             macro = np.mean([roc_auc_score(LABELS[:, c], probs[:, c]) for c in range(C)])
             (folder / "metrics.json").write_text(json.dumps({"macro_auc": macro, "micro_auc": macro}))
             runs.append(PlannedRun(name, {axis.key: text}, seed, [], folder))

@@ -548,6 +548,7 @@ def train_planned(task: tuple, fit: Optional[Callable] = None) -> dict:
     config = load_config(config_path, run.overrides)
     started = time.perf_counter()
     try:
+        # a folder left by an attempt that stopped before last.pt (a failed start) is trained afresh
         fit(config, run.folder, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
     except UserError as exc:
         return {"error": str(exc)}

@@ -54,6 +54,8 @@ from vkd_pyro.training.distributed import say
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 REPLACED_PREFIX = ".replaced-"
+# What a sweep's launcher (vkd_pyro.analysis.launch) writes beside a run: the job's record, not the run's.
+LAUNCH_FILES = ("launch.log", "launch.json")
 MODES = ("new", "overwrite", "resume")
 
 _OPEN: dict[Path, str] = {}  # resolved folder -> run id, for the folders this process has open
@@ -77,11 +79,12 @@ def open_run_id(folder: os.PathLike) -> Optional[str]:
 
 
 def run_entries(folder: Path) -> list[str]:
-    """The names in `folder` that belong to a run: all but the lock, `.replaced-*` and temporaries."""
+    """The names in `folder` that belong to a run: all but the lock, `.replaced-*`, temporaries and
+    the launcher's job record (LAUNCH_FILES)."""
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir()
-                  if p.name != LOCK_FILE and not p.name.startswith(REPLACED_PREFIX)
+                  if p.name != LOCK_FILE and not p.name.startswith(REPLACED_PREFIX) and p.name not in LAUNCH_FILES
                   and not (p.name.startswith(".") and TEMPORARY_MARK in p.name))
 
 
