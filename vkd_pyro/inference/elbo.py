@@ -4,8 +4,9 @@ The loss is Pyro's own, through its public API: `Trace_ELBO` (`trace`, Monte Car
 `TraceMeanField_ELBO` (`meanfield`, analytic KL; only for pairings that have one, see
 `vkd_pyro.training.families`), with L particles vectorised, called as
 `elbo.differentiable_loss(model, guide, ...)`. :class:`RecordedELBO` hands Pyro the model and guide
-wrapped in `poutine.trace`, so that each run of them is also traced beside Pyro's own trace, and
-reads the terms of Eq. 8 per example from those traces, with no gradient:
+each run under an effect handler of its own (:class:`SampleSites`, Pyro's public way to write a
+handler) that keeps their sample sites, and reads the terms of Eq. 8 per example from those sites,
+with no gradient:
 
     image_nll = -1/M sum_m log p(y | x_I, z_I^(m))       (site "image_log_lik")
     text_nll  = -1/L sum_l log q(y | z_T^(l))             (site "text_labels"; 0 without L_MI)
@@ -23,10 +24,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
 import torch
-from pyro import poutine
 from pyro.distributions import Independent, Normal
 from pyro.distributions.kl import kl_divergence
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 from torch.distributions import Normal as TorchNormal
 
 import vkd_pyro.models.distributions  # noqa: F401  (registers the diagonal <-> low-rank closed-form KLs)
@@ -56,8 +57,8 @@ class RecordedELBO:
     `differentiable_loss(model, guide, *args, **kwargs)` is the estimator's own (its value and its
     gradient); afterwards `sums` holds, summed over the batch and averaged over the L particles,
     {"image_log_lik", "text_labels", "kl"} as detached tensors (absent when the site is absent), and
-    `traces` the (model traces, guide traces) of that loss: one each with vectorised particles,
-    else one per particle.
+    `traces` the (model, guide) sample sites of that loss (:class:`SampleSites`, `.nodes` by name): one
+    each with vectorised particles, else one per particle.
     """
 
     ESTIMATORS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -87,13 +88,26 @@ class RecordedELBO:
         return loss
 
 
+class SampleSites(Messenger):
+    """An effect handler that keeps the sample sites of one run as Pyro processed them: `nodes`
+    maps a site's name to its message (distribution `fn` as broadcast by the plates, `value`,
+    `scale`, `mask`). Pyro's own trace of the same run is unaffected; unlike a second
+    `poutine.trace`, nothing is copied and no graph is built."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: dict = {}
+
+    def _pyro_post_sample(self, msg) -> None:
+        self.nodes[msg["name"]] = msg
+
+
 def _traced(fn, traces: list):
-    """fn, each of whose runs is also traced by `poutine.trace` into `traces` (Pyro's own trace of
-    the same run is unaffected: the sites are the same, only recorded twice)."""
+    """fn, each of whose runs also leaves its sample sites in `traces` (a :class:`SampleSites`)."""
     def run(*args, **kwargs):
-        with poutine.trace() as tracer:
+        with SampleSites() as sites:
             out = fn(*args, **kwargs)
-        traces.append(tracer.trace)
+        traces.append(sites)
         return out
 
     return run
