@@ -258,7 +258,9 @@ def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
     if wall_seconds is None:  # a run finished by an earlier, interrupted sweep: its training time
         wall_seconds = metrics.get("train_seconds")
     summary = {"wall_seconds": wall_seconds}
-    if run.config.inference.objective != "text_only":  # the diagnostics of the image model (Algorithm 2)
+    # the diagnostics of the Pyro model on the test split: text_only has no image model, and kd's
+    # likelihood needs the teacher's soft labels, which exist for the training split only
+    if run.config.inference.objective not in ("text_only", "kd"):
         result = summarize(run.module, data.splits["test"], run.config, run.device, is_samples=IS_SAMPLES)
         summary.update({"elbo": result["elbo"], "log_lik": result["log_p_y_given_x"]["prior_proposal"],
                         "is_samples": IS_SAMPLES, "ece": result["calibration"]["ece"],
