@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import vkd_pyro.cli
-from tests.tiny_runs import tiny_overrides
+from tests.tiny_runs import tiny_overrides, write_config_file
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.files import TEMPORARY_MARK
@@ -39,17 +39,7 @@ def one_thread():
 def config_file(tmp_path_factory):
     """The tiny config as a file (with its own cache), as a user would write it."""
     folder = tmp_path_factory.mktemp("config")
-    tree = {}
-    for text in TINY + [f"cache_dir={folder / 'cache'}"]:
-        key, value = text.split("=", 1)
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_config_file(folder / "tiny.yaml", TINY + [f"cache_dir={folder / 'cache'}"])
 
 
 @pytest.fixture(scope="module")

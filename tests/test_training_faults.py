@@ -17,11 +17,10 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-import yaml
 
 import vkd_pyro.training.loop as train_module
 from tests.conftest import FeaturesAsImages, MaskedMeanHead, tiny_batch
-from tests.tiny_runs import tiny_overrides
+from tests.tiny_runs import tiny_overrides, write_config_file
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
 from vkd_pyro.errors import TrainingDiverged
@@ -52,17 +51,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, cache):
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    tree = {}
-    for text in TINY + [f"cache_dir={cache}"]:
-        key, value = text.split("=", 1)
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return write_config_file(tmp_path_factory.mktemp("config") / "tiny.yaml", TINY + [f"cache_dir={cache}"])
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,12 @@ batches of 16, two test samples, no progress bar. A test file changes what it ne
 `tiny_overrides({"train.max_epochs": 2})`.
 """
 
+from pathlib import Path
+
+import yaml
+
+from vkd_pyro.config import parse_override
+
 TINY_RUN = {
     "data.max_reports": 60,
     "data.image_size": 32,
@@ -20,6 +26,21 @@ TINY_RUN = {
     "inference.test_samples": 2,
     "train.progress": "false",
 }
+
+
+def write_config_file(path, overrides) -> Path:
+    """The `key.sub=value` overrides as a YAML config file at `path`, as a user would write it."""
+    tree: dict = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = Path(path)
+    path.write_text(yaml.safe_dump(tree))
+    return path
 
 
 def tiny_overrides(changes: dict | None = None) -> list[str]:
