@@ -86,6 +86,10 @@ def test_sweep_writes_tables_and_skips_finished_runs(tmp_path, cache, count_fits
         metrics = json.loads((out / "runs" / r["run"] / "metrics.json").read_text())
         assert float(r["macro_auc"]) == pytest.approx(metrics["macro_auc"], abs=1e-5)
         assert metrics["mc"]["M"] == int(r["inference.prior_samples"])
+        assert float(r["teacher_auc"]) == pytest.approx(metrics["teacher"]["macro_auc"], abs=1e-5)
+        summary = json.loads((out / "runs" / r["run"] / "sweep_run.json").read_text())
+        assert summary["z_dim"] == 16 and 0 <= summary["active_units"] <= 16
+        assert float(r["active_units"]) == summary["active_units"]
     table = (out / "sweep.md").read_text()
     assert "| inference.prior_samples | inference.num_particles | seeds | macro AUC |" in table
     assert table.count("\n| 1 | 1 | 1 |") == 1 and table.count("\n| 2 | 1 | 1 |") == 1
@@ -160,6 +164,8 @@ def test_diagnose_writes_diagnostics_json(table2, capsys):
     assert latent["z_dim"] == 16 and 0 <= latent["guide_active_units"] <= 16 and 0 <= latent["prior_active_units"] <= 16
     assert len(latent["kl_per_dim"]) == 16 and latent["kl_total"] == pytest.approx(sum(latent["kl_per_dim"]))
     assert latent["kl_total"] == pytest.approx(result["elbo"]["kl"], rel=1e-4)  # the analytic KL, same records
+    # the sweep's active-unit column counts the same test reports
+    assert json.loads((vkd / "sweep_run.json").read_text())["active_units"] == latent["guide_active_units"]
     assert "active units" in capsys.readouterr().out
 
     image_only = table2 / "runs" / "inference.objective=image_only-seed0"

@@ -54,7 +54,7 @@ def test_sweep_md_has_each_rows_difference_to_the_baseline(tmp_path):
     axis = table_axis(2)
     runs = make_runs(tmp_path, axis, [0, 1, 2], missing={("no_mi", 2)})
     baseline = parse_baseline("inference.objective=image_only", [axis])
-    rows = write_outputs(runs, [axis], tmp_path, "t", [], plot=False, baseline=baseline)
+    rows = write_outputs(runs, [axis], tmp_path, "t", plot=False, baseline=baseline)
     differences = baseline_differences(rows, [axis], tmp_path / "runs", baseline)
     assert set(differences) == {("vkd",), ("no_mi",)}
     assert differences[("vkd",)].difference == pytest.approx(hand_difference("vkd", [0, 1, 2]), abs=1e-9)
@@ -73,7 +73,7 @@ def test_sweep_md_has_each_rows_difference_to_the_baseline(tmp_path):
 def test_table2_compares_with_image_only(tmp_path):
     axis = table_axis(2)
     runs = make_runs(tmp_path, axis, [0, 1])
-    rows = write_outputs(runs, [axis], tmp_path, "t", [], plot=False)
+    rows = write_outputs(runs, [axis], tmp_path, "t", plot=False)
     differences = baseline_differences(rows, [axis], tmp_path / "runs", {axis.key: "image_only"})
     text = format_table(2, rows, axis, "openi_phantom", 2, differences)
     assert "Δ vs image_only [95% CI]" in text

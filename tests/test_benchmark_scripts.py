@@ -57,3 +57,64 @@ def test_text_store_benchmark_prints_one_line_per_size(monkeypatch, capsys):
     matches = [re.fullmatch(pattern, line) for line in lines]
     assert all(matches) and [int(m.group(1)) for m in matches] == [40, 90]
     assert all(float(x) > 0 for m in matches for x in m.groups()[1:])
+
+
+def fake_sweep(root, name, quality, seeds=(0, 1), cells=((0.0, 1.0), (0.5, 0.3)), teacher=None, active=None):
+    """A sweep folder as benchmarks/regimes.sh leaves it: runs/<name>/ with config.yaml, metrics.json,
+    predictions_test.npz (probabilities `quality` * label + noise) and sweep_run.json."""
+    import json
+
+    import numpy as np
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from vkd_pyro.classes import CLASSES
+    from vkd_pyro.training.predictions import write_predictions
+
+    aucs = {}
+    for d, f in cells:
+        labels = np.random.default_rng(7).random((60, len(CLASSES))) < 0.3  # the same test records everywhere
+        for seed in seeds:
+            folder = root / name / "runs" / f"data.difficulty={d},data.train_fraction={f}-seed{seed}"
+            folder.mkdir(parents=True)
+            noise = np.random.default_rng([seed, int(quality * 100), int(d * 10)]).random(labels.shape)
+            probs = np.clip(quality * labels + (1 - quality) * noise, 0, 1)
+            macro = float(np.mean([roc_auc_score(labels[:, c], probs[:, c]) for c in range(len(CLASSES))]))
+            aucs[(d, f, seed)] = macro
+            (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"difficulty": d, "train_fraction": f}}))
+            metrics = {"macro_auc": macro, "val_macro_auc": macro - 0.01}
+            if teacher is not None:
+                metrics["teacher"] = {"macro_auc": teacher, "nll": 2.5}
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+            (folder / "sweep_run.json").write_text(json.dumps({"elbo": {"kl": 0.3}, "active_units": active}))
+            write_predictions(folder, "test", probs, labels.astype(np.float32), CLASSES,
+                              record_ids=[f"r{i}" for i in range(len(labels))])
+    return aucs
+
+
+def test_regime_map_tabulates_the_differences_and_the_report_branch(tmp_path, monkeypatch, capsys):
+    from benchmarks import regime_map
+
+    base = fake_sweep(tmp_path, "image_only", 0.2)
+    better = fake_sweep(tmp_path, "vkd", 0.5, teacher=0.9, active=3)
+    fake_sweep(tmp_path, "vkd_free_bits", 0.2, seeds=(0,), cells=((0.0, 1.0),), teacher=0.8, active=7)
+    png = tmp_path / "regimes.png"
+    out = run(monkeypatch, capsys, regime_map, str(tmp_path), "--png", str(png), "--boot", "200")
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| 0")]
+    wide, branch = rows[:2], rows[2:]
+    assert wide[0][:2] == ["0", "1"] and wide[1][:2] == ["0.5", "0.3"]
+    header = next(line for line in out.splitlines() if line.startswith("| difficulty"))
+    assert "VKD (Eq. 8) - image only [95% CI]" in header and "vkd_free_bits - image only [95% CI]" in header
+    # vkd minus image only: the mean over seeds of the macro-AUC differences, an interval above 0
+    for row, cell in zip(wide, [(0.0, 1.0), (0.5, 0.3)]):
+        expected = sum(better[(*cell, s)] - base[(*cell, s)] for s in (0, 1)) / 2
+        value, interval = row[4].split(" [")
+        assert float(value) == pytest.approx(expected, abs=1e-3) and row[4].endswith("(n=2) *")
+        low, high = (float(x) for x in interval.split("]")[0].split(", "))
+        assert 0 < low < expected < high
+    assert wide[1][5:7] == ["-", "-"]  # the remedy ran one cell only
+    assert [r[2] for r in branch] == ["image only", "VKD (Eq. 8)", "vkd_free_bits", "image only", "VKD (Eq. 8)"]
+    vkd = branch[1]
+    assert vkd[3] == "2" and vkd[6:] == ["0.900 ± 0.000", "2.500 ± 0.000", "0.300 ± 0.000", "3.0 ± 0.0"]
+    assert branch[2][9] == "7.0" and branch[0][6] == "-"  # image only has no teacher
+    assert png.stat().st_size > 1000

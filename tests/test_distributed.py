@@ -144,3 +144,61 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
                 assert (other[width:2 * width] - value[width:2 * width]).abs().max() <= 2 * 12 * 1e-3
                 other, value = torch.cat([other[:width], other[2 * width:]]), torch.cat([value[:width], value[2 * width:]])
             torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# --------------------------------------------------------------------------- rank 0 fills the caches
+
+
+def _recording_worker(rank: int, world: int, port: int, overrides: list, out, events) -> None:
+    """A DDP rank that notes (rank, event, time, detail) lines in `events` when it enters and leaves
+    prepare_data, renders phantoms and encodes reports (each patched to note, then do the real work)."""
+    import os
+    import time
+
+    import vkd_pyro.data.openi_phantom as phantom
+    import vkd_pyro.training.loop as loop
+    from vkd_pyro.data.text_store import TextFeatureStore
+
+    def note(event, detail=""):
+        with open(events, "a") as f:
+            f.write(f"{rank} {event} {time.time():.6f} {detail}\n")
+
+    def noting(name, real, detail=lambda *a, **k: ""):
+        def call(*args, **kwargs):
+            note(f"{name}-start", detail(*args, **kwargs))
+            result = real(*args, **kwargs)
+            note(f"{name}-end")
+            return result
+        return call
+
+    loop.prepare_data = noting("prepare", loop.prepare_data)
+    phantom.render_reports = noting("render", phantom.render_reports)
+    TextFeatureStore._encode_missing = noting(
+        "encode", TextFeatureStore._encode_missing, lambda store, encoder, missing, *a: f"{len(missing)} {store.array_path}")
+    real_view = TextFeatureStore.view
+    TextFeatureStore.view = lambda store, rows: (note("read", str(store.array_path)), real_view(store, rows))[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fit(load_config(None, overrides), out)
+
+
+def test_rank_0_renders_and_encodes_while_the_other_rank_waits_then_both_read_one_store(tmp_path):
+    """torchrun on a first build: rank 0 renders the images and encodes every report into the text
+    store while rank 1 waits at the barrier; rank 1 then renders nothing, encodes nothing and reads
+    the same store file."""
+    events = tmp_path / "events.txt"
+    overrides = TINY + [f"cache_dir={tmp_path / 'empty-cache'}", "inference.objective=vkd"]
+    mp.spawn(_recording_worker, args=(2, free_port(), overrides, tmp_path / "run", events), nprocs=2, join=True)
+
+    lines = [line.split(" ", 3) for line in events.read_text().splitlines()]
+    log = [(int(rank), event, float(at), detail.strip()) for rank, event, at, detail in lines]
+    at = {(rank, event): time for rank, event, time, _ in log if event.endswith(("-start", "-end"))}
+    encoded = [(rank, detail) for rank, event, _, detail in log if event == "encode-start"]
+    assert [rank for rank, event, *_ in log if event == "render-start"] == [0]
+    assert len(encoded) == 1 and encoded[0][0] == 0 and int(encoded[0][1].split()[0]) > 0  # rank 0, every report
+    assert at[(0, "encode-end")] <= at[(0, "prepare-end")] <= at[(1, "prepare-start")]  # rank 1 waited
+    reads = {rank: detail for rank, event, _, detail in log if event == "read"}
+    store = encoded[0][1].split(" ", 1)[1]
+    assert reads == {0: store, 1: store}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n_test"] > 0

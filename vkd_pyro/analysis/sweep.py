@@ -16,8 +16,9 @@
   processes with a share of the cores' threads each, or as cluster jobs (`--launcher submitit`):
   :mod:`vkd_pyro.analysis.launch`; each job trains and evaluates its run (:func:`train_planned`);
 - after each run the module is evaluated once more on the test split (:func:`vkd_pyro.analysis.diagnostics.
-  summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE) and the
-  result is kept in the run folder as ``sweep_run.json`` (with the wall time of the run);
+  summarize`: the ELBO terms at beta = 1, log p(y|x_I) by Monte Carlo over the prior, the ECE; with a
+  guide, the active units of q(z_T | x_T)) and the result is kept in the run folder as ``sweep_run.json``
+  (with the wall time of the run);
 - ``DIR/sweep.csv`` (one row a run) and ``DIR/sweep.md`` (mean and std over seeds per grid point) are
   rebuilt from the run folders after every run, ``DIR/sweep.png`` at the end; each file is replaced
   atomically. Their notes say what the runs were from the configs recorded in the run folders, never
@@ -45,7 +46,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from vkd_pyro.analysis.compare import pooled_bootstrap
-from vkd_pyro.analysis.diagnostics import summarize, write_json_atomic
+from vkd_pyro.analysis.diagnostics import (
+    ACTIVE_THRESHOLD,
+    collapse_report,
+    has_guide,
+    latent_statistics,
+    summarize,
+    write_json_atomic,
+)
 from vkd_pyro.analysis.launch import Job, LocalLauncher
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.config import load_config, parse_value, split_assignment
@@ -68,6 +76,8 @@ METRIC_COLUMNS = [
     ("kl", "KL", "{:.3f}"),
     ("log_lik", "log p(y\\|x)", "{:.3f}"),  # the pipe escaped: a markdown table cell
     ("ece", "ECE", "{:.3f}"),
+    ("teacher_auc", "teacher AUC", "{:.3f}"),
+    ("active_units", "active units", "{:.1f}"),
     ("wall_seconds", "seconds", "{:.1f}"),
     ("steps_per_second", "steps/s", "{:.2f}"),
     ("best_epoch", "best epoch", "{:.1f}"),
@@ -265,6 +275,10 @@ def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
         summary.update({"elbo": result["elbo"], "log_lik": result["log_p_y_given_x"]["prior_proposal"],
                         "is_samples": IS_SAMPLES, "ece": result["calibration"]["ece"],
                         "ece_bins": result["calibration"]["bins"]})
+        if has_guide(run.module):  # posterior collapse: the active units of q(z_T | x_T) on the test reports
+            latents = latent_statistics(run.module, data.splits["test"], run.config.train.eval_batch_size, run.device)
+            summary.update(active_units=collapse_report(latents)["guide_active_units"],
+                           active_threshold=ACTIVE_THRESHOLD, z_dim=int(latents["guide_mean"].shape[1]))
     write_json_atomic(summary, folder / RUN_SUMMARY)
     return summary
 
@@ -293,6 +307,8 @@ def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis]) -> list[dict]
                    loss=_number(elbo.get("loss")), image_nll=_number(elbo.get("image_nll")),
                    text_nll=_number(elbo.get("text_nll")), kl=_number(elbo.get("kl")),
                    log_lik=_number(summary.get("log_lik")), ece=_number(summary.get("ece")),
+                   teacher_auc=_number((metrics.get("teacher") or {}).get("macro_auc")),
+                   active_units=_number(summary.get("active_units")),
                    wall_seconds=_number(summary.get("wall_seconds", metrics.get("train_seconds"))),
                    steps_per_second=_number(metrics.get("steps_per_second")),
                    best_epoch=_number(metrics.get("best_epoch")), run=run.name)
@@ -437,7 +453,9 @@ def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, note
     lines += ["", "Mean ± std over seeds (sample std, n-1; the mean alone with one seed). Test split. "
               "test loss, image NLL, text NLL, KL: the ELBO terms (minus Eq. 8) per record at beta = 1. "
               f"log p(y|x): Monte Carlo estimate over K={IS_SAMPLES} prior samples, nats per record. "
-              "ECE: 10 equal-width bins over all (record, class) pairs. seconds: wall time of the run "
+              "ECE: 10 equal-width bins over all (record, class) pairs. teacher AUC: macro AUC of q(y|z_T) on the test "
+              "reports (metrics.json's teacher block). active units: latent dimensions d of q(z_T|x_T) with "
+              f"Var_x E_q[z_d] > {ACTIVE_THRESHOLD} over the test reports (Burda et al. 2015). seconds: wall time of the run "
               "(training and test evaluation); steps/s: optimizer steps per second of training, "
               "validation left out.", ""]
     return "\n".join(lines)
@@ -521,7 +539,7 @@ class SweepResult:
     out_dir: Path
 
 
-def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], plot: bool = True,
+def write_outputs(runs, axes, out_dir: Path, title: str, plot: bool = True,
                   baseline: Optional[dict] = None) -> list[dict]:
     """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders;
     with `baseline` (a grid point, :func:`parse_baseline`) sweep.md has each row's macro-AUC
@@ -529,7 +547,7 @@ def write_outputs(runs, axes, out_dir: Path, title: str, notes: Sequence[str], p
     rows = collect_rows(runs, axes)
     write_csv(rows, axes, out_dir / "sweep.csv")
     differences = baseline_differences(rows, axes, out_dir / "runs", baseline) if baseline else None
-    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, [*notes, *recorded_notes(runs)], differences,
+    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, recorded_notes(runs), differences,
                                                      baseline))
     if rows and plot:
         plot_sweep(rows, axes, out_dir / "sweep.png", title)
@@ -581,7 +599,6 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
     point = parse_baseline(baseline, axes)  # a bad --baseline is refused before any run
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     title = f"Sweep of {config_path}"
-    notes: list = []  # recorded_notes: from the run folders' configs
     write_json(out_dir / "sweep.json", {"config": str(config_path), "grid": {a.key: a.texts for a in axes},
                                         "seeds": seeds, "overrides": list(overrides)})
     launcher = launcher or LocalLauncher(1)
@@ -608,13 +625,13 @@ def run_sweep(config_path: str, axes: Sequence[Axis], seeds: int, out_dir, overr
             return
         (folders[name] / "error.txt").unlink(missing_ok=True)
         ran.append(name)
-        write_outputs(runs, axes, out_dir, title, notes, plot=False, baseline=point)  # so far; the plot at the end
+        write_outputs(runs, axes, out_dir, title, plot=False, baseline=point)  # so far; the plot at the end
 
     if jobs:
         say(f"sweep: {len(jobs)} run(s) to train: {launcher.describe()}")
         work = train_planned if fit is None else functools.partial(train_planned, fit=fit)
         launcher.run(jobs, work, done, say)
-    rows = write_outputs(runs, axes, out_dir, title, notes, baseline=point)
+    rows = write_outputs(runs, axes, out_dir, title, baseline=point)
     say(f"sweep: {len(ran)} trained, {len(skipped)} finished before, {len(failed)} failed; "
         f"wrote {out_dir}/sweep.csv, sweep.md" + (", sweep.png" if rows else ""))
     return SweepResult(rows, list(axes), ran, skipped, failed, out_dir)
