@@ -148,7 +148,7 @@ def main() -> None:
                 mean_std([metric(p, "val_macro_auc") for p in runs]), mean_std([metric(p, "macro_auc") for p in runs]),
                 mean_std([metric(p, "teacher", "macro_auc") for p in runs]),
                 mean_std([metric(p, "teacher", "nll") for p in runs]),
-                mean_std([(summary_of(p, "elbo") or {}).get("kl") for p in runs]),
+                mean_std([(summary_of(p, "elbo") or {}).get("kl") for p in runs if metric(p, "teacher")]),
                 mean_std([summary_of(p, "active_units") for p in runs], "{:.1f}")]) + " |")
     if args.png:
         draw(drawn, args.png)

@@ -136,3 +136,24 @@ def test_a_16_bit_png_predicts_as_its_8_bit_rendering(run_dir, bit_depths, tmp_p
     assert [Path(p).name for p in prediction.images] == ["eight.png", "sixteen.png"]
     gap = np.abs(prediction.probability[0] - prediction.probability[1])
     assert (gap <= 4 * prediction.std.mean(0) / 20 + 0.01).all()
+
+
+def test_help_and_a_mistyped_option_answer_without_loading_torch():
+    """The parser (vkd_pyro.cli.parser) imports argparse only; a command's module is loaded after parsing."""
+    import subprocess
+    import sys
+
+    from vkd_pyro.cli.parser import HANDLERS, build_parser
+
+    script = ("import sys\nfrom vkd_pyro.cli import main\n"
+              "for argv in [['--help']] + [[c, '--help'] for c in %r] + [['train', '--no-such-option']]:\n"
+              "    try:\n        main(argv)\n    except SystemExit as exit:\n        assert exit.code in (0, 2), exit.code\n"
+              "print(sorted(m for m in ('torch', 'pyro', 'transformers', 'pandas', 'matplotlib') if m in sys.modules))\n"
+              % (sorted(HANDLERS),))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "unrecognized arguments: --no-such-option" in out.stderr
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(HANDLERS)  # every command has a handler
+    for name, handler in HANDLERS.items():  # and every handler exists
+        module, function = handler.split(":")
+        assert callable(getattr(__import__(module, fromlist=[function]), function)), name

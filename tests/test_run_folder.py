@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-import vkd_pyro.cli
+import vkd_pyro.cli.commands
 from tests.tiny_runs import tiny_overrides, write_config_file
 from vkd_pyro.cli import main
 from vkd_pyro.config import load_config
@@ -143,7 +143,7 @@ def test_resume_and_overwrite_together_are_refused(run_copy, capsys):
 
 def test_default_folder_name_changes_with_the_overrides(config_file, monkeypatch, tmp_path, capsys):
     folders = []
-    monkeypatch.setattr(vkd_pyro.cli, "fit", lambda config, out, **kw: folders.append(out))
+    monkeypatch.setattr(vkd_pyro.cli.commands, "fit", lambda config, out, **kw: folders.append(out))
     for lr in ("0.1", "0.01", "0.1"):
         assert main(["train", "--config", str(config_file), f"train.lr={lr}"]) == 0
     assert folders[0] != folders[1] and folders[0] == folders[2]

@@ -1,4 +1,7 @@
-"""The `vkd-pyro` command line: train, evaluate, predict, render.
+"""The `vkd-pyro` command line (`main`): parse (vkd_pyro.cli.parser), then run the command's handler.
+
+The handler's module (vkd_pyro.cli.commands, vkd_pyro.cli.analysis) is imported after parsing, so that
+`--help` and a mistyped option do not wait for torch, Pyro and transformers to load.
 
 A user mistake (a bad config key or value, a missing file, a bad record, a run folder that holds
 another run or that another process is writing, a path that cannot be written) prints one line,
@@ -10,233 +13,20 @@ and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-import pandas
-import torch
-
-from vkd_pyro.analysis.runs import expand_image_paths, load_run
-from vkd_pyro.classes import CLASSES
-from vkd_pyro.cli.analysis import ANALYSIS_COMMANDS, TRUST_HELP, add_analysis_commands
-from vkd_pyro.config import load_config
-from vkd_pyro.data.card import DATA_COMMANDS, add_data_commands
-from vkd_pyro.data.phantom import contact_sheet
-from vkd_pyro.data.prepare import prepare_data
-from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.errors import ConfigError, Interrupted, TrainingDiverged, UserError
-from vkd_pyro.files import atomic_path
-from vkd_pyro.training.build import check_families
-from vkd_pyro.training.evaluate import report
-from vkd_pyro.training.loop import fit
-from vkd_pyro.training.resume import resume_config
-from vkd_pyro.training.run_folder import default_run_folder, folder_lock, read_record
-
-DESCRIPTION = (
-    "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
-    "X-rays paired with reports, diagnose from the X-ray alone."
-)
-
-SAMPLE_FLOATS_SAFETY = 2  # temporaries beside the tensors counted in _check_sample_memory
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vkd-pyro", description=DESCRIPTION)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser("train", help="train a model and evaluate it on the test split",
-                                description="Train with SVI (minus Eq. 8), keep the best validation "
-                                "checkpoint, then evaluate on the test split from images alone.")
-    train.add_argument("--config", default=None, help="YAML config file (e.g. configs/demo.yaml); not with --resume")
-    train.add_argument("--resume", default=None, metavar="DIR",
-                       help="continue the interrupted run in DIR from its last.pt (overrides: only run-time keys "
-                       "such as train.max_epochs, device, data.num_workers)")
-    train.add_argument("--out", default=None,
-                       help="run folder (default runs/<config name>-<objective>-seed<seed>-<hash of the resolved "
-                       "config>); refused when it holds another run, unless --resume or --overwrite")
-    train.add_argument("--overwrite", action="store_true",
-                       help="the run folder holds another run: move its files into DIR/.replaced-<time>/ and train "
-                       "afresh (nothing is deleted)")
-    train.add_argument("--trust-code", action="store_true",
-                       help="with --resume: import a prior or guide that the run's config.yaml names by an import path")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                       help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    evaluate = commands.add_parser("evaluate", help="recompute metrics.json of a run from its checkpoint",
-                                   description="Evaluate a trained run from images alone (Algorithm 2).")
-    evaluate.add_argument("--run", required=True, help="run folder written by train")
-    evaluate.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    evaluate.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                          help="where to evaluate (default auto: a GPU when one is visible); any run loads on any device")
-    evaluate.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
-
-    predict = commands.add_parser("predict", help="class probabilities for image files, from the image alone",
-                                  description="Per-class probability (mean over S prior samples) and its "
-                                  "Monte Carlo spread for each image.")
-    predict.add_argument("--run", required=True, help="run folder written by train")
-    predict.add_argument("images", nargs="+", metavar="IMAGE",
-                         help="image files (PNG, JPEG, TIFF, DICOM), folders of them, or glob patterns")
-    predict.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
-    predict.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's eval batch)")
-    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                         help="where to predict (default auto: a GPU when one is visible)")
-    predict.add_argument("--csv", default=None, metavar="FILE",
-                         help="write one row per image: its path, each class's probability and std")
-    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    predict.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
-
-    render = commands.add_parser("render", help="write a contact sheet of a dataset's images with their labels")
-    render.add_argument("--config", required=True, help="YAML config file")
-    render.add_argument("--out", required=True, help="PNG file to write")
-    render.add_argument("--count", type=int, default=24, help="how many records (default 24)")
-    render.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
-    add_analysis_commands(commands)  # sweep, ablate, diagnose, figures
-    add_data_commands(commands)  # data check
-    return parser
-
-
-def _positive(value: Optional[int], name: str) -> None:
-    if value is not None and value < 1:
-        raise UserError(f"{name}: must be >= 1, got {value}")
-
-
-def _cmd_train(args) -> None:
-
-    progress = False if args.no_progress else None
-    if args.resume is not None:
-
-        if args.config is not None or args.out is not None:
-            raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
-        if args.overwrite:
-            raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
-        fit(resume_config(args.resume, args.overrides, args.trust_code), Path(args.resume), progress=progress,
-            resume=True)
-        return
-    if args.config is None:
-        raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
-    config = load_config(args.config, args.overrides)
-    try:
-        check_families(config)
-    except ConfigError as exc:  # the families are resolved after loading: name the file here
-        raise ConfigError(f"{args.config}: {exc}") from None
-    out = Path(args.out) if args.out else default_run_folder(args.config, config)
-    fit(config, out, progress=progress, overwrite=args.overwrite)
-
-
-def _available_bytes(device: torch.device) -> int:
-    """Memory free for tensors now: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _check_sample_memory(config, samples: int, batch: int, device: torch.device) -> None:
-    """One line (UserError) when S prior samples for a batch of `batch` images would not fit in memory.
-
-    Algorithm 2 is vectorised over the samples: z (S, B, z), the classifier's input [z, x_I] (S, B, z + F),
-    its hidden layers (S, B, h) and the logits and probabilities (S, B, C) exist at once, 4 bytes a float,
-    times SAMPLE_FLOATS_SAFETY for temporaries.
-    """
-    m = config.model
-    floats = 2 * m.z_dim + config.image_encoder.out_features + sum(m.hidden) + 2 * len(CLASSES)
-    need = 4 * samples * batch * floats * SAMPLE_FLOATS_SAFETY
-    have = _available_bytes(device)
-    if need > have:
-        most = max(have // (4 * batch * floats * SAMPLE_FLOATS_SAFETY), 0)
-        raise UserError(f"--samples {samples}: a batch of {batch} images would need about {need / 2**30:,.1f} GiB "
-                        f"for the samples at once, and {device.type} has {have / 2**30:,.1f} GiB available; "
-                        f"lower --samples (at most about {most:,} here) or --batch-size")
-
-
-def _cmd_evaluate(args) -> None:
-    _positive(args.samples, "--samples")
-    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
-    data = prepare_data(run.config, with_reports=False)
-    samples = args.samples or run.config.inference.test_samples
-    if args.split not in data.splits or len(data.splits[args.split]) == 0:
-        raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")
-    batch = min(run.config.train.eval_batch_size, len(data.splits[args.split]))
-    _check_sample_memory(run.config, samples, batch, run.device)
-    record = read_record(Path(args.run))
-    with folder_lock(args.run, create=False):  # no training writes the folder meanwhile
-        report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
-               {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc"),
-                "run_id": record["run_id"] if record else None})
-
-
-def _cmd_predict(args) -> None:
-    _positive(args.samples, "--samples")
-    _positive(args.batch_size, "--batch-size")
-    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
-    samples = args.samples or run.config.inference.test_samples
-    batch = min(args.batch_size or run.config.train.eval_batch_size, len(expand_image_paths(args.images)))
-    _check_sample_memory(run.config, samples, batch, run.device)
-    prediction = run.predict(args.images, args.samples, args.batch_size, progress=sys.stderr.isatty())
-    rows = prediction.rows()
-    if args.csv:
-        with atomic_path(args.csv) as tmp:
-            pandas.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6f")
-        print(f"wrote {args.csv}: {len(rows)} images, {len(prediction.classes)} classes "
-              f"(probability and std over S={prediction.samples} prior samples)")
-    if args.json:
-        print(json.dumps([{"image": r["image"], "probability": {c: r[c] for c in prediction.classes},
-                           "std": {c: r[f"{c} std"] for c in prediction.classes}} for r in rows], indent=2))
-    if args.csv or args.json:
-        return
-    for i, path in enumerate(prediction.images):
-        print(f"{path}  (S={prediction.samples} prior samples; probability ± Monte Carlo std)")
-        for c, name in enumerate(prediction.classes):
-            print(f"  {name:28s} {prediction.probability[i, c]:.3f} ± {prediction.std[i, c]:.3f}")
-
-
-def _cmd_render(args) -> None:
-
-    _positive(args.count, "--count")
-    config = load_config(args.config, args.overrides)
-    if config.data.max_reports is None:  # render only what the sheet shows
-        config.data.max_reports = max(args.count, 10)
-    dataset = build_dataset(config)
-    count = min(args.count, len(dataset))
-    titles = []
-    for i in range(count):
-        names = [CLASSES[c] for c in dataset.labels[i].nonzero()[0]]
-        titles.append(f"{dataset.groups[i]}: " + (", ".join(names) or "(no label)"))
-    contact_sheet([dataset.images[i] for i in range(count)], titles, args.out)
-    print(f"wrote {args.out}: {count} {config.data.name} images at {config.data.image_size} px, signal {config.data.signal}")
-
-
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "render": _cmd_render}
-COMMANDS.update(ANALYSIS_COMMANDS)
-COMMANDS.update(DATA_COMMANDS)
-
-
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse the command line; `key=value` overrides may also stand after the flags."""
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
-    return args
+from vkd_pyro.cli.parser import parse
+from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(argv)
+    args = parse(argv)
+    module, function = args.handler.split(":")
     try:
-        COMMANDS[args.command](args)
+        getattr(importlib.import_module(module), function)(args)
     except TrainingDiverged as exc:  # its own status: the input was valid, the optimisation failed
         print(f"vkd-pyro: error: {exc}", file=sys.stderr)
         return 3

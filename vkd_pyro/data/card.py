@@ -16,10 +16,9 @@ from typing import Optional
 import numpy as np
 
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.config import Config, load_config
+from vkd_pyro.config import Config
 from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.data.splits import SPLIT_NAMES, dataset_splits
-from vkd_pyro.files import write_json
 
 
 def dataset_card(dataset, splits: dict, config: Config, seconds: Optional[float] = None) -> dict:
@@ -151,34 +150,3 @@ def check(config: Config) -> dict:
     dataset = build_dataset(config)
     splits = dataset_splits(dataset, config.data.split, config.data.split_seed)
     return dataset_card(dataset, splits, config, time.perf_counter() - started)
-
-
-# --------------------------------------------------------------------------- the CLI command
-
-
-def add_data_commands(commands) -> None:
-    """Add `data check` to the CLI's sub-parsers (`commands`, from add_subparsers)."""
-    data = commands.add_parser("data", help="dataset tools: `data check` validates a dataset and prints its card",
-                               description="Dataset tools.")
-    tools = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    check_parser = tools.add_parser(
-        "check", help="validate a config's dataset and print its dataset card, without training",
-        description="Build the dataset of a config (decoding and caching every image), then print records per "
-                    "split, positives per class per split, views, reports and the records skipped and why.")
-    check_parser.add_argument("--config", required=True, help="YAML config file (e.g. configs/mimic_cxr.yaml)")
-    check_parser.add_argument("--json", default=None, metavar="FILE", help="also write the card as JSON to FILE")
-    check_parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
-
-
-def _cmd_data(args) -> None:
-
-
-    config = load_config(args.config, args.overrides)
-    card = check(config)
-    print(format_card(card), flush=True)
-    if args.json:
-        write_json(args.json, card)
-        print(f"wrote {args.json}")
-
-
-DATA_COMMANDS = {"data": _cmd_data}

@@ -1,0 +1,166 @@
+"""What the `vkd-pyro` commands train, evaluate, predict, render and data check do (their options:
+vkd_pyro.cli.parser; the exit statuses: vkd_pyro.cli).
+
+A user mistake (a bad config key or value, a missing file, a bad record, a run folder that holds
+another run or that another process is writing, a path that cannot be written) prints one line,
+`vkd-pyro: error: ...`, and exits with status 2; no traceback. A diverged training (a NaN or infinite
+loss term) prints one line and exits with status 3. A training stopped by SIGINT or SIGTERM writes
+its resume state, prints one line with the command that resumes it (`vkd-pyro train --resume DIR`)
+and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pandas
+import torch
+
+from vkd_pyro.analysis.runs import expand_image_paths, load_run
+from vkd_pyro.classes import CLASSES
+from vkd_pyro.config import load_config
+from vkd_pyro.data.card import check, format_card
+from vkd_pyro.data.phantom import contact_sheet
+from vkd_pyro.data.prepare import prepare_data
+from vkd_pyro.data.registry import build_dataset
+from vkd_pyro.errors import ConfigError, UserError
+from vkd_pyro.files import atomic_path, write_json
+from vkd_pyro.training.build import check_families
+from vkd_pyro.training.evaluate import report
+from vkd_pyro.training.loop import fit
+from vkd_pyro.training.resume import resume_config
+from vkd_pyro.training.run_folder import default_run_folder, folder_lock, read_record
+
+SAMPLE_FLOATS_SAFETY = 2  # temporaries beside the tensors counted in _check_sample_memory
+
+
+def _positive(value: Optional[int], name: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name}: must be >= 1, got {value}")
+
+
+def cmd_train(args) -> None:
+
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+
+        if args.config is not None or args.out is not None:
+            raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
+        if args.overwrite:
+            raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
+        fit(resume_config(args.resume, args.overrides, args.trust_code), Path(args.resume), progress=progress,
+            resume=True)
+        return
+    if args.config is None:
+        raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
+    config = load_config(args.config, args.overrides)
+    try:
+        check_families(config)
+    except ConfigError as exc:  # the families are resolved after loading: name the file here
+        raise ConfigError(f"{args.config}: {exc}") from None
+    out = Path(args.out) if args.out else default_run_folder(args.config, config)
+    fit(config, out, progress=progress, overwrite=args.overwrite)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory free for tensors now: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_sample_memory(config, samples: int, batch: int, device: torch.device) -> None:
+    """One line (UserError) when S prior samples for a batch of `batch` images would not fit in memory.
+
+    Algorithm 2 is vectorised over the samples: z (S, B, z), the classifier's input [z, x_I] (S, B, z + F),
+    its hidden layers (S, B, h) and the logits and probabilities (S, B, C) exist at once, 4 bytes a float,
+    times SAMPLE_FLOATS_SAFETY for temporaries.
+    """
+    m = config.model
+    floats = 2 * m.z_dim + config.image_encoder.out_features + sum(m.hidden) + 2 * len(CLASSES)
+    need = 4 * samples * batch * floats * SAMPLE_FLOATS_SAFETY
+    have = _available_bytes(device)
+    if need > have:
+        most = max(have // (4 * batch * floats * SAMPLE_FLOATS_SAFETY), 0)
+        raise UserError(f"--samples {samples}: a batch of {batch} images would need about {need / 2**30:,.1f} GiB "
+                        f"for the samples at once, and {device.type} has {have / 2**30:,.1f} GiB available; "
+                        f"lower --samples (at most about {most:,} here) or --batch-size")
+
+
+def cmd_evaluate(args) -> None:
+    _positive(args.samples, "--samples")
+    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
+    data = prepare_data(run.config, with_reports=False)
+    samples = args.samples or run.config.inference.test_samples
+    if args.split not in data.splits or len(data.splits[args.split]) == 0:
+        raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")
+    batch = min(run.config.train.eval_batch_size, len(data.splits[args.split]))
+    _check_sample_memory(run.config, samples, batch, run.device)
+    record = read_record(Path(args.run))
+    with folder_lock(args.run, create=False):  # no training writes the folder meanwhile
+        report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
+               {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc"),
+                "run_id": record["run_id"] if record else None})
+
+
+def cmd_predict(args) -> None:
+    _positive(args.samples, "--samples")
+    _positive(args.batch_size, "--batch-size")
+    run = load_run(args.run, device=args.device, trust_code=args.trust_code)
+    samples = args.samples or run.config.inference.test_samples
+    batch = min(args.batch_size or run.config.train.eval_batch_size, len(expand_image_paths(args.images)))
+    _check_sample_memory(run.config, samples, batch, run.device)
+    prediction = run.predict(args.images, args.samples, args.batch_size, progress=sys.stderr.isatty())
+    rows = prediction.rows()
+    if args.csv:
+        with atomic_path(args.csv) as tmp:
+            pandas.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6f")
+        print(f"wrote {args.csv}: {len(rows)} images, {len(prediction.classes)} classes "
+              f"(probability and std over S={prediction.samples} prior samples)")
+    if args.json:
+        print(json.dumps([{"image": r["image"], "probability": {c: r[c] for c in prediction.classes},
+                           "std": {c: r[f"{c} std"] for c in prediction.classes}} for r in rows], indent=2))
+    if args.csv or args.json:
+        return
+    for i, path in enumerate(prediction.images):
+        print(f"{path}  (S={prediction.samples} prior samples; probability ± Monte Carlo std)")
+        for c, name in enumerate(prediction.classes):
+            print(f"  {name:28s} {prediction.probability[i, c]:.3f} ± {prediction.std[i, c]:.3f}")
+
+
+def cmd_render(args) -> None:
+
+    _positive(args.count, "--count")
+    config = load_config(args.config, args.overrides)
+    if config.data.max_reports is None:  # render only what the sheet shows
+        config.data.max_reports = max(args.count, 10)
+    dataset = build_dataset(config)
+    count = min(args.count, len(dataset))
+    titles = []
+    for i in range(count):
+        names = [CLASSES[c] for c in dataset.labels[i].nonzero()[0]]
+        titles.append(f"{dataset.groups[i]}: " + (", ".join(names) or "(no label)"))
+    contact_sheet([dataset.images[i] for i in range(count)], titles, args.out)
+    print(f"wrote {args.out}: {count} {config.data.name} images at {config.data.image_size} px, signal {config.data.signal}")
+
+
+def cmd_data_check(args) -> None:
+    """`vkd-pyro data check`: build the config's dataset, print its card (and write it as JSON)."""
+
+
+    config = load_config(args.config, args.overrides)
+    card = check(config)
+    print(format_card(card), flush=True)
+    if args.json:
+        write_json(args.json, card)
+        print(f"wrote {args.json}")
