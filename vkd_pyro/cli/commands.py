@@ -1,13 +1,6 @@
-"""What the `vkd-pyro` commands train, evaluate, predict, render and data check do (their options:
-vkd_pyro.cli.parser; the exit statuses: vkd_pyro.cli).
-
-A user mistake (a bad config key or value, a missing file, a bad record, a run folder that holds
-another run or that another process is writing, a path that cannot be written) prints one line,
-`vkd-pyro: error: ...`, and exits with status 2; no traceback. A diverged training (a NaN or infinite
-loss term) prints one line and exits with status 3. A training stopped by SIGINT or SIGTERM writes
-its resume state, prints one line with the command that resumes it (`vkd-pyro train --resume DIR`)
-and exits with 130 (SIGINT) or 143 (SIGTERM), as a shell would.
-"""
+"""What the `vkd-pyro` commands train, evaluate, predict, render and data check do. Their options are in
+vkd_pyro.cli.parser; a user mistake raises UserError, which vkd_pyro.cli.main turns into one line and
+status 2 (the exit statuses are listed there)."""
 
 from __future__ import annotations
 
