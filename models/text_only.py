@@ -33,8 +33,8 @@ class ReportBottleneck(nn.Module):
         self.text_classifier = nn.Linear(z_dim, num_classes)  # q(y | z_T), the MI head's name in VKDModel
 
     def prior(self, batch_size: int, like: torch.Tensor) -> dist.Distribution:
-        """N(0, I), batch shape (batch_size,), event shape (z_dim,), on `like`'s device and dtype."""
-        zeros = like.new_zeros(batch_size, self.z_dim)
+        """N(0, I), batch shape (batch_size,), event shape (z_dim,), on `like`'s device, in the classifier's dtype."""
+        zeros = like.new_zeros(batch_size, self.z_dim, dtype=self.text_classifier.weight.dtype)
         return BroadcastNormal(zeros, torch.ones_like(zeros)).to_event(1)
 
     def forward(

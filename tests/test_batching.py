@@ -27,7 +27,7 @@ def test_collate_pads_states_read_from_the_store_and_keeps_order(tmp_path):
     split = PairedSplit(Records(), [7, 2, 5], states_of(tmp_path))
     batch = collate([split[i] for i in range(3)])
     assert batch.images.shape == (3, 1, 4, 4) and batch.index.tolist() == [7, 2, 5]
-    assert batch.token_states.shape == (3, 8, 3) and batch.token_states.dtype == torch.float32
+    assert batch.token_states.shape == (3, 8, 3) and batch.token_states.dtype == torch.float16  # as stored
     assert batch.token_mask.sum(1).tolist() == [8, 3, 6]
     assert batch.token_states[1, :3].unique().tolist() == [2.0]  # record 2's states
     assert batch.token_states[1, 3:].abs().sum() == 0  # zero padding

@@ -147,16 +147,24 @@ def test_uncached_hub_id_and_missing_folder_raise(tmp_path):
 def test_pad_token_states():
     states = [torch.randn(3, 5).half(), torch.randn(6, 5).half()]
     padded, mask = pad_token_states(states)
-    assert padded.shape == (2, 6, 5) and padded.dtype == torch.float32
+    assert padded.shape == (2, 6, 5) and padded.dtype == torch.float16  # padded as stored; TextHead casts
+    assert torch.equal(padded[1], states[1]) and torch.equal(padded[0, :3], states[0])
     assert mask.dtype == torch.bool and mask.tolist() == [[True] * 3 + [False] * 3, [True] * 6]
-    assert torch.equal(padded[0, 3:], torch.zeros(3, 5))
-    assert torch.equal(padded[0, :3], states[0].float())
-    assert torch.equal(padded[1], states[1].float())
+    assert torch.equal(padded[0, 3:], torch.zeros(3, 5, dtype=torch.float16))
 
 
 def _head(pooling, seed=0):
     torch.manual_seed(seed)
     return TextHead(hidden_size=32, num_heads=4, intermediate_size=64, dropout=0.0, pooling=pooling)
+
+
+def test_text_head_computes_float16_states_in_float32():
+    """The store's float16 states, padded as they are, give what their float32 copy gives (the cast is exact)."""
+    head = _head("cls").eval()
+    states = torch.randn(2, 5, 32).half()
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool)
+    out = head(states, mask)
+    assert out.dtype == torch.float32 and torch.equal(out, head(states.float(), mask))
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

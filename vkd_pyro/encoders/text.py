@@ -207,18 +207,20 @@ class FrozenTextEncoder:
 
 
 def pad_token_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad per-text token states (n_i, H) to (B, T_max, H) float32, with mask (B, T_max) True at real tokens."""
+    """Zero-pad per-text token states (n_i, H) to (B, T_max, H) in their own dtype (float16 from the
+    store: half the bytes to copy and to move to the device; `TextHead` computes in float32), with
+    mask (B, T_max) True at real tokens."""
     if len(states) == 0:
         raise ValueError("pad_token_states needs at least one text")
     hidden = states[0].shape[-1]
     longest = max(int(s.shape[0]) for s in states)
     device = states[0].device
-    padded = torch.zeros((len(states), longest, hidden), dtype=torch.float32, device=device)
+    padded = torch.zeros((len(states), longest, hidden), dtype=states[0].dtype, device=device)
     mask = torch.zeros((len(states), longest), dtype=torch.bool, device=device)
     for row, s in enumerate(states):
         if s.dim() != 2 or s.shape[-1] != hidden:
             raise ValueError(f"token states must all be (n_tokens, {hidden}); got {tuple(s.shape)}")
-        padded[row, :s.shape[0]] = s.to(torch.float32)
+        padded[row, :s.shape[0]] = s
         mask[row, :s.shape[0]] = True
     return padded, mask
 
@@ -259,9 +261,10 @@ class TextHead(nn.Module):
         return cls(encoder.hidden_size, encoder.num_attention_heads, encoder.intermediate_size, **options)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor, return_attention: bool = False):
-        """Pooled features (B, H) of padded token states; with return_attention, (features, attention)."""
+        """Pooled features (B, H) of padded token states (float16 states are computed in the head's
+        dtype); with return_attention, (features, attention)."""
         padding = ~mask.bool()
-        states = self.project(states)
+        states = self.project(states.to(self.block.linear1.weight.dtype))
         out = self.block(states, src_key_padding_mask=padding)
         if self.pooling == "cls":
             pooled = out[:, 0]
