@@ -276,9 +276,10 @@ def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
                         "is_samples": IS_SAMPLES, "ece": result["calibration"]["ece"],
                         "ece_bins": result["calibration"]["bins"]})
         if has_guide(run.module):  # posterior collapse: the active units of q(z_T | x_T) on the test reports
-            latents = latent_statistics(run.module, data.splits["test"], run.config.train.eval_batch_size, run.device)
-            summary.update(active_units=collapse_report(latents)["guide_active_units"],
-                           active_threshold=ACTIVE_THRESHOLD, z_dim=int(latents["guide_mean"].shape[1]))
+            collapse = collapse_report(latent_statistics(run.module, data.splits["test"],
+                                                         run.config.train.eval_batch_size, run.device))
+            summary.update(active_units=collapse["guide_active_units"], active_threshold=collapse["threshold"],
+                           z_dim=collapse["z_dim"])
     write_json_atomic(summary, folder / RUN_SUMMARY)
     return summary
 

@@ -45,7 +45,6 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-
     values = [v for v in args.values.split(",") if v.strip()] if args.values else None
     text = ablate(args.config, args.table, args.seeds, Path(args.out), args.overrides, values,
                   progress=False if args.no_progress else None, launcher=_launcher(args))
@@ -53,7 +52,6 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
-
     if args.samples < 1 or args.bins < 1:
         raise UserError("--samples and --bins: must be >= 1")
     result = diagnose(args.run, args.split, args.samples, args.bins, args.seed, trust_code=args.trust_code)
@@ -63,7 +61,6 @@ def cmd_diagnose(args) -> None:
 
 
 def cmd_figures(args) -> None:
-
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples: must be >= 1, got {args.samples}")
     make_figures(args.run, args.compare, args.records, args.samples, trust_code=args.trust_code)

@@ -37,10 +37,8 @@ def _positive(value: Optional[int], name: str) -> None:
 
 
 def cmd_train(args) -> None:
-
     progress = False if args.no_progress else None
     if args.resume is not None:
-
         if args.config is not None or args.out is not None:
             raise UserError("--resume DIR: the run's own config.yaml and folder are used (leave out --config and --out)")
         if args.overwrite:
@@ -132,7 +130,6 @@ def cmd_predict(args) -> None:
 
 
 def cmd_render(args) -> None:
-
     _positive(args.count, "--count")
     config = load_config(args.config, args.overrides)
     if config.data.max_reports is None:  # render only what the sheet shows
@@ -149,8 +146,6 @@ def cmd_render(args) -> None:
 
 def cmd_data_check(args) -> None:
     """`vkd-pyro data check`: build the config's dataset, print its card (and write it as JSON)."""
-
-
     config = load_config(args.config, args.overrides)
     card = check(config)
     print(format_card(card), flush=True)

@@ -117,7 +117,7 @@ def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
 
 
 def add_analysis_commands(commands) -> None:
-    """Add the sweep, ablate, diagnose and figures sub-parsers to `commands` (add_subparsers)."""
+    """Add the sweep, ablate, diagnose, compare and figures sub-parsers to `commands` (add_subparsers)."""
     sweep = commands.add_parser(
         "sweep", help="train a grid of configurations over seeds and tabulate them",
         description="Train every combination of the --grid values for each seed into DIR/runs/<key=value,...>-seed<k>/ "
