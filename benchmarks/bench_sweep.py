@@ -64,7 +64,7 @@ def main() -> None:
         overrides = tiny_overrides({"data.max_reports": args.reports, "train.max_epochs": args.epochs,
                                     "train.patience": args.epochs + 1}) + [f"cache_dir={tmp / 'cache'}"]
         with contextlib.redirect_stdout(io.StringIO()):
-            prepare_data(load_config(CONFIG, overrides))  # the report features, cached before timing
+            prepare_data(load_config(CONFIG, overrides), with_reports=True)  # the report features, cached before timing
         print(machine())
         print(f"grid: {GRID[0]} x {args.seeds} seeds = {2 * args.seeds} runs of {CONFIG} with {args.reports} "
               f"reports, {args.epochs} epochs; {available_cores()} cores, torch threads in this process "

@@ -63,10 +63,7 @@ def vkd_module(L: int = 1, M: int = 1, vectorize: bool = True, dropout: float = 
     model = VKDModel(CachedImageFeatures(), NUM_CLASSES, z_dim=Z, hidden=HIDDEN, dropout=dropout, prior_samples=M,
                      prior_net=prior_net)
     guide = EHRPosterior(PooledText(), z_dim=Z, hidden=HIDDEN, dropout=dropout, posterior_net=posterior_net)
-    module = VKDModule(model, guide, elbo="trace", num_particles=L)
-    if not vectorize:
-        module.elbo.vectorize_particles = False
-    return module
+    return VKDModule(model, guide, elbo="trace", num_particles=L, vectorize_particles=vectorize)
 
 
 def cached_batch(seed: int = 0, batch: int = BATCH) -> Batch:

@@ -21,7 +21,8 @@ from PIL import Image
 import vkd_pyro
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.errors import UserError
+from vkd_pyro.cli import main
+from vkd_pyro.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHADOW = 'raise ImportError("the user\'s own {name} package was imported by vkd-pyro")\n'
@@ -118,3 +119,29 @@ def test_api_mistakes_are_user_errors(project):
         run.predict(str(project / "nothing-*.png"))
     with pytest.raises(UserError, match="run folder not found"):
         vkd_pyro.load_run(project / "nowhere")
+
+
+def test_train_returns_a_run_whose_evaluation_is_metrics_json(tmp_path_factory, capsys):
+    """`vkd_pyro.train` trains as the CLI does and returns the Run; `Run.evaluate("test")` and `vkd-pyro
+    evaluate --run` give metrics.json's figures exactly (the S test draws are seeded by the run's seed),
+    and another seed gives fresh draws."""
+    torch.set_num_threads(1)
+    cache = tmp_path_factory.getbasetemp() / "objectives-cache"
+    out = tmp_path_factory.mktemp("api") / "run"
+    overrides = dict(text.split("=", 1) for text in tiny_overrides({"train.max_epochs": 2}))
+    run = vkd_pyro.train(REPO / "configs" / "demo.yaml", out=out, cache_dir=str(cache),
+                         **{key.replace(".", "__"): value for key, value in overrides.items()})
+    assert isinstance(run, vkd_pyro.Run) and run.folder == out and run.config.train.max_epochs == 2
+    written = json.loads((out / "metrics.json").read_text())
+    figures = ("auc", "macro_auc", "micro_auc", "positives", "teacher", "n_test", "evaluated_on")
+    metrics = run.evaluate("test")
+    assert {k: metrics[k] for k in figures} == {k: written[k] for k in figures}
+    fresh = run.evaluate("test", seed=written["seed"] + 1)
+    assert fresh["auc"] != written["auc"]  # S = 2 draws: other draws, other figures
+    assert vkd_pyro.load_run(out).evaluate("test")["auc"] == written["auc"]
+    assert main(["evaluate", "--run", str(out)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert {k: again[k] for k in figures} == {k: written[k] for k in figures}
+    with pytest.raises(ConfigError, match="train.max_epochs"):
+        vkd_pyro.train(REPO / "configs" / "demo.yaml", out=tmp_path_factory.mktemp("bad") / "run",
+                       train__max_epochs=0)

@@ -20,6 +20,7 @@ LAYERS = [
     ("config", ["vkd_pyro.config", "vkd_pyro.errors", "vkd_pyro.classes", "vkd_pyro.files", "vkd_pyro.logs"]),
     ("data", ["vkd_pyro.data", "vkd_pyro.encoders"]),
     ("core", ["vkd_pyro.models", "vkd_pyro.guides", "vkd_pyro.inference"]),
+    ("objectives", ["vkd_pyro.objectives"]),
     ("training", ["vkd_pyro.training"]),
     ("analysis", ["vkd_pyro.analysis"]),
     ("interface", ["vkd_pyro.cli", "vkd_pyro.__main__", "vkd_pyro"]),

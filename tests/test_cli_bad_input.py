@@ -46,7 +46,7 @@ def config_file(tmp_path):
     (["model.dropout=1.5"], "model.dropout", "must be in [0, 1)"),
     (["text_encoder.dropout=-0.1"], "text_encoder.dropout", "must be in [0, 1)"),
     (["inference.annealing.R=2"], "inference.annealing.R", "must be in (0, 1]"),
-    (["inference.objective=full"], "inference.objective", "must be one of"),
+    (["inference.objective=full"], "inference.objective", "unknown objective 'full'"),
     (["image_encoder.name=resnet50"], "image_encoder.name", "must be one of"),
     (["data.name=nih_v2"], "data.name", "must be one of"),
     (["model.prior=gamma"], "model.prior", "unknown prior 'gamma'"),

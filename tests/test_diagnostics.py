@@ -23,8 +23,8 @@ from vkd_pyro.analysis.diagnostics import (
 from vkd_pyro.analysis.figures import cls_attention, grad_cam, gradcam_layer, merge_wordpieces, primary_classes
 from vkd_pyro.classes import NUM_CLASSES
 from vkd_pyro.guides import EHRPosterior, NoGuide
-from vkd_pyro.inference.elbo import ObjectiveTerms
 from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.inference.terms import StepTerms
 from vkd_pyro.models import VKDModel
 from vkd_pyro.training.logger import TrainingLogger
 
@@ -224,7 +224,7 @@ def test_training_logger_writes_step_terms_to_tensorboard(tmp_path):
 
     logger = TrainingLogger(tmp_path, tensorboard=True)
     for step in range(5):
-        logger.step(ObjectiveTerms(loss=3.0 - step, image_nll=1.0, text_nll=1.5, kl=0.5 * step, beta=0.25 * step))
+        logger.step(StepTerms({"loss": 3.0 - step, "image_nll": 1.0, "text_nll": 1.5, "kl": 0.5 * step}, 0.25 * step))
     logger.epoch(1, {"loss": 1.0, "val_macro_auc": float("nan")})
     summary = logger.close()
     assert summary["train_steps"] == 5 and summary["steps_per_second"] > 0
@@ -235,7 +235,7 @@ def test_training_logger_writes_step_terms_to_tensorboard(tmp_path):
     assert "epoch/val_macro_auc" not in tags  # nan is not written
     assert [(s.step, s.value) for s in events.Scalars("step/kl")] == [(i + 1, 0.5 * i) for i in range(5)]
     off = TrainingLogger(tmp_path / "off")
-    off.step(ObjectiveTerms(1.0, 1.0, 0.0, 0.0, 1.0))
+    off.step(StepTerms({"loss": 1.0, "image_nll": 1.0, "text_nll": 0.0, "kl": 0.0}, 1.0))
     assert off.close()["train_steps"] == 1 and not (tmp_path / "off" / "tensorboard").exists()
 
 

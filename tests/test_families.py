@@ -21,8 +21,8 @@ from vkd_pyro.data.batching import Batch
 from vkd_pyro.errors import ConfigError
 from vkd_pyro.models.families import ConditionalFamily
 from vkd_pyro.models.prior_draws import draw, monte_carlo_mean
-from vkd_pyro.training.build import build_module, check_families
-from vkd_pyro.training.families import GUIDES, PRIORS, build_family, kl_pairing, require_analytic_kl, resolve
+from vkd_pyro.objectives.resolve import GUIDES, PRIORS, build_family, kl_pairing, require_analytic_kl, resolve
+from vkd_pyro.training.build import build_module, check_config
 
 STUDENT = "tests.custom_families:StudentTPrior"
 TEMPERED = "tests.custom_families:TemperedNormalPosterior"
@@ -125,10 +125,14 @@ def test_config_names_families_and_their_options():
     (["model.guide_options={rank: 2}"], "model.guide_options: 'diagonal' takes no option 'rank' (its options: none)"),
     (["model.prior_options=3"], "model.prior_options: expected dict"),
     (["inference.elbo=jit"], "inference.elbo: 'jit' must be one of trace, meanfield"),
+    (["inference.objective=full"], "inference.objective: unknown objective 'full' (registered: vkd, no_mi, image_only, "
+                                   "text_only, kd; or an import path package.module:Name)"),
+    (["inference.objective=tests.custom_families:NOT_A_FAMILY"],
+     "inference.objective: 'tests.custom_families:NOT_A_FAMILY' is not a subclass of vkd_pyro.objectives.Objective"),
 ])
 def test_family_mistakes_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:  # the config's own keys when it is read, the families before training
-        check_families(config_from_dict({}, "my.yaml", overrides))
+        check_config(config_from_dict({}, "my.yaml", overrides))
     text = str(err.value)
     assert message in text and "\n" not in text
 

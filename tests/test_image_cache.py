@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vkd_pyro import files as vkd_files
 from vkd_pyro.data import image_cache
 from vkd_pyro.data.image_cache import BadImage, cache_path, decode_image, load_or_decode
 
@@ -113,6 +114,20 @@ def test_an_error_leaves_no_cache_behind(files, tmp_path):
     with pytest.raises(RuntimeError, match="bad 2"):
         load_or_decode(files, 16, tmp_path / "c", "t", refuse)
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+
+
+def test_the_cache_is_written_atomically(files, tmp_path, monkeypatch):
+    """The array and its .json go through vkd_pyro.files.atomic_path: each fsynced, then renamed into
+    place; no temporary file is left."""
+    synced = []
+    real_fsync = vkd_files._fsync_file
+    monkeypatch.setattr(vkd_files, "_fsync_file", lambda path: synced.append(path.name) or real_fsync(path))
+    load_or_decode(files, 16, tmp_path / "c", "t", lambda *a: None)
+    target = cache_path(tmp_path / "c", "t", files, 16)
+    meta = target.with_suffix(".json")
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([target.name, meta.name])
+    assert len(synced) == 2 and synced[0].startswith(f".{meta.name}.")  # the .json lands first,
+    assert synced[1].startswith(f".{target.name}.")  # then the array
 
 
 @pytest.mark.parametrize("damage", ["truncated array", "garbage array", "wrong dtype", "garbage json",

@@ -70,7 +70,7 @@ def test_soft_targets_are_the_teachers_tempered_train_probabilities(teacher_run)
     folder, base = teacher_run
     config = config_from_dict({}, "tiny", base + ["inference.objective=kd", f"inference.kd.teacher={folder}",
                                                   "inference.kd.temperature=3", "inference.test_samples=64"])
-    data = prepare_data(config)
+    data = prepare_data(config, with_reports=True)
     table = soft_targets(config, data, "cpu")
     train = data.splits["train"]
     again = soft_targets(config, data, "cpu")  # its own generator: the same targets again

@@ -23,7 +23,7 @@ NAMES = ["inference.prior_samples=1-seed0", "inference.prior_samples=2-seed0"]
 def cache(tmp_path_factory):
     """A cache of the report features, filled once here rather than by both workers at once."""
     folder = tmp_path_factory.mktemp("cache")
-    prepare_data(load_config("configs/demo.yaml", [*TINY, f"cache_dir={folder}"]))
+    prepare_data(load_config("configs/demo.yaml", [*TINY, f"cache_dir={folder}"]), with_reports=True)
     return folder
 
 

@@ -17,7 +17,7 @@ from vkd_pyro.data.batching import Batch
 from vkd_pyro.guides import EHRPosterior, NoGuide
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.models import VKDModel
-from vkd_pyro.training.families import GUIDES, PRIORS, build_family
+from vkd_pyro.objectives.resolve import GUIDES, PRIORS, build_family
 
 B, FEAT, HID, T, Z, C = 4, 5, 6, 7, 3, 14
 FAMILY_OPTIONS = {"lowrank": {"rank": 2}, "mixture": {"components": 3}}  # tiny ones; the rest: defaults

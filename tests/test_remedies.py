@@ -8,20 +8,21 @@ import pyro
 import pytest
 import torch
 
-from tests.test_objective import FEAT, HID, Z, hand_terms, make_batch, make_module
+from tests.test_objective import hand_terms, make_batch, make_module
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.config import config_from_dict
 from vkd_pyro.errors import ConfigError
 from vkd_pyro.inference.module import VKDModule
-from vkd_pyro.training.build import check_objective, require_diagonal_normals
-from vkd_pyro.training.families import build_family
+from vkd_pyro.objectives import VKD
+from vkd_pyro.training.build import build_module, check_config
 from vkd_pyro.training.loop import fit
 
 
 def remedied(module, free_bits=0.0, kl_gradient="both"):
-    """The same networks in a module with the remedies on."""
+    """The same networks in a module with the remedies on (the KL term objective vkd gives them)."""
+    config = config_from_dict({}, "remedies", [f"inference.free_bits={free_bits}", f"inference.kl_gradient={kl_gradient}"])
     return VKDModule(module.model, module.guide, elbo="trace", num_particles=module.elbo.num_particles,
-                     free_bits=free_bits, kl_gradient=kl_gradient)
+                     kl=VKD(config).kl())
 
 
 def kl_per_dim(mq, sq, mp, sp):
@@ -96,15 +97,16 @@ def test_kl_gradient_prior_moves_the_prior_alone():
 
 
 def test_remedies_refuse_families_without_a_diagonal_normal_and_objectives_without_a_kl():
-    config = config_from_dict({}, "my.yaml", ["inference.free_bits=0.5", "model.prior=lowrank"])
-    diagonal = build_family("guide", "diagonal", HID, Z, [8], 0.0)
-    lowrank = build_family("prior", "lowrank", FEAT, Z, [8], 0.0, {"rank": 2})
+    dims = {"hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
+    small = ["model.z_dim=4", "model.hidden=[8]", "image_encoder.width=4", "image_encoder.out_features=8"]
+    config = config_from_dict({}, "my.yaml", small + ["inference.free_bits=0.5", "model.prior=lowrank",
+                                                      "model.prior_options={rank: 2}"])
     with pytest.raises(ConfigError, match=r"^inference\.free_bits: .*model\.prior = 'lowrank'"):
-        require_diagonal_normals(config, diagonal, lowrank, HID, FEAT)
-    config = config_from_dict({}, "my.yaml", ["inference.kl_gradient=prior", "model.guide=lowrank"])
+        build_module(config, dims)
+    config = config_from_dict({}, "my.yaml", small + ["inference.kl_gradient=prior", "model.guide=lowrank",
+                                                      "model.guide_options={rank: 2}"])
     with pytest.raises(ConfigError, match=r"^inference\.kl_gradient: .*model\.guide"):
-        require_diagonal_normals(config, build_family("guide", "lowrank", HID, Z, [8], 0.0, {"rank": 2}),
-                                 build_family("prior", "diagonal", FEAT, Z, [8], 0.0), HID, FEAT)
+        build_module(config, dims)
     for overrides, key in [(["inference.objective=image_only", "inference.free_bits=0.1"], "inference.free_bits"),
                            (["inference.objective=kd", "inference.kd.teacher=x", "inference.kl_gradient=prior"],
                             "inference.kl_gradient"),
@@ -112,7 +114,7 @@ def test_remedies_refuse_families_without_a_diagonal_normal_and_objectives_witho
                             "inference.guide_warmup_epochs"),
                            (["inference.objective=kd"], "inference.kd.teacher")]:
         with pytest.raises(ConfigError, match=rf"^{key}: "):
-            check_objective(config_from_dict({}, "my.yaml", overrides))
+            check_config(config_from_dict({}, "my.yaml", overrides))
     with pytest.raises(ConfigError, match=r"inference\.kl_gradient: 'detach' must be one of both, prior"):
         config_from_dict({}, "my.yaml", ["inference.kl_gradient=detach"])
 
@@ -120,7 +122,7 @@ def test_remedies_refuse_families_without_a_diagonal_normal_and_objectives_witho
 def test_the_remedies_leave_the_default_loss_untouched():
     module, batch = make_module(L=2, M=2), make_batch()
     for m in (module, remedied(module, free_bits=0.0, kl_gradient="both")):
-        assert not m.explicit_kl
+        assert m.kl is None
     pyro.set_rng_seed(9)
     a = module(batch, 0.5)[0].item()
     pyro.set_rng_seed(9)

@@ -160,12 +160,13 @@ class KDConfig:
 class InferenceConfig:
     """The objective of Eq. 8 and its ablations, the ELBO estimator and the Monte Carlo counts.
 
-    Objectives: `vkd` (Eq. 8), `no_mi` (without L_MI), `image_only` (the image classifier alone),
-    `text_only` (the report branch alone, a variational information bottleneck; Alemi et al. 2017)
-    and `kd` (knowledge distillation from a `text_only` teacher; Hinton et al. 2015).
+    Objectives (`vkd_pyro.objectives`, resolved when a run is built): `vkd` (Eq. 8), `no_mi`
+    (without L_MI), `image_only` (the image classifier alone), `text_only` (the report branch alone, a
+    variational information bottleneck; Alemi et al. 2017), `kd` (knowledge distillation from a
+    `text_only` teacher; Hinton et al. 2015), or a user's class by its import path package.module:Name.
     """
 
-    objective: str = field(default="vkd", metadata=_one_of("vkd", "no_mi", "image_only", "text_only", "kd"))
+    objective: str = field(default="vkd", metadata=_check(lambda v: bool(v.strip()), "must name an objective"))
     elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
     num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
     prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
@@ -180,16 +181,6 @@ class InferenceConfig:
     # both: the paper's ELBO; prior: a variant in which the KL term moves only the prior (q detached in it).
     kl_gradient: str = field(default="both", metadata=_one_of("both", "prior"))
     kd: KDConfig = field(default_factory=KDConfig)
-
-    @property
-    def uses_reports(self) -> bool:
-        """Whether the run reads the reports: every objective but `image_only` (`kd` for its teacher)."""
-        return self.objective != "image_only"
-
-    @property
-    def has_guide(self) -> bool:
-        """Whether the objective has the guide q(z_T|x_T): `vkd`, `no_mi` and `text_only`."""
-        return self.objective in ("vkd", "no_mi", "text_only")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator
 
 TEMPORARY_MARK = ".tmp"
 
@@ -47,9 +47,19 @@ def write_text(path: os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: os.PathLike, obj: Any, default: Optional[Callable] = None) -> None:
-    """JSON with an indent of 2; `default` converts what json cannot (numpy scalars, paths)."""
-    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+def _to_json(value: Any) -> Any:
+    """What json cannot write as it is: numpy scalars and arrays (and tensors) as Python values
+    (their `tolist`), paths as text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: os.PathLike, obj: Any) -> None:
+    """JSON with an indent of 2, written atomically; numpy values and paths converted (`_to_json`)."""
+    write_text(path, json.dumps(obj, indent=2, default=_to_json) + "\n")
 
 
 def remove_stale_temporaries(folder: os.PathLike) -> list[Path]:

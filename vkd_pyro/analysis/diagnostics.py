@@ -28,8 +28,6 @@ Everything here reads a trained :class:`~vkd_pyro.inference.module.VKDModule` in
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,11 +39,11 @@ from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.data.batching import collate
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.splits import split_label_mask
+from vkd_pyro.errors import UserError
 from vkd_pyro.files import write_json
 from vkd_pyro.models.vkd import bernoulli_log_lik
-from vkd_pyro.training.evaluate import predict_split
+from vkd_pyro.training.evaluate import predict_split, seeded
 
-ELBO_TERMS = ("loss", "image_nll", "text_nll", "kl")
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
 DEFAULT_BINS = 10
 DEFAULT_IS_SAMPLES = 64
@@ -54,39 +52,8 @@ DEFAULT_IS_SAMPLES = 64
 # --------------------------------------------------------------------------- helpers
 
 
-@contextmanager
-def seeded(seed: Optional[int], device="cpu"):
-    """Run the block with torch's RNG seeded to `seed`, restoring the caller's RNG state after it."""
-    if seed is None:
-        yield
-        return
-    device = torch.device(device)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _loader(split, batch_size: int) -> DataLoader:
     return DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-def write_json_atomic(obj, path: os.PathLike) -> None:
-    """JSON (numpy values converted) through `vkd_pyro.files`: no half-written file."""
-    write_json(path, obj, default=_json_default)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def has_guide(module) -> bool:
-    """Whether the module has an EHR posterior q(z_T | x_T) (objectives vkd and no_mi)."""
-    return hasattr(module.guide, "posterior")
 
 
 def distribution_mean(distribution, samples: int = 256) -> torch.Tensor:
@@ -114,21 +81,23 @@ def diagonal_normal(distribution) -> Optional[tuple[torch.Tensor, torch.Tensor]]
 
 @torch.no_grad()
 def elbo_terms(module, split, batch_size: int = 256, device="cpu", seed: Optional[int] = 0) -> dict:
-    """Mean per-example loss (minus Eq. 8), image NLL, text NLL and KL on `split` at beta = 1.
+    """The mean per-example terms the module's objective records (`module.terms`: for vkd the loss,
+    minus Eq. 8, image NLL, text NLL and KL) on `split` at beta = 1.
 
     The module's own estimator (VKDModule.forward, L guide and M prior samples as configured) in eval
     mode. The loss of `image_only` is its image NLL alone (no text term, no KL).
     """
     module.eval()
-    totals = dict.fromkeys(ELBO_TERMS, 0.0)
+    names = [term.name for term in module.terms]
+    totals = dict.fromkeys(names, 0.0)
     count = 0
     with seeded(seed, device):
         for batch in _loader(split, batch_size):
             _, terms = module(batch.to(device), 1.0)
-            for key in ELBO_TERMS:
+            for key in names:
                 totals[key] += getattr(terms, key) * batch.size
             count += batch.size
-    out = {key: totals[key] / max(count, 1) for key in ELBO_TERMS}
+    out = {key: totals[key] / max(count, 1) for key in names}
     out.update(beta=1.0, n=count)
     return out
 
@@ -137,14 +106,14 @@ def elbo_terms(module, split, batch_size: int = 256, device="cpu", seed: Optiona
 
 
 @torch.no_grad()
-def latent_statistics(module, split, batch_size: int = 256, device="cpu") -> dict:
-    """Means of p(z_I | x_I) and (with a guide) q(z_T | x_T) per record, and for diagonal Gaussians
-    the KL(q || p) per dimension per record. Arrays (N, D) as numpy; missing parts are None.
-    (Means of families without a closed form, e.g. flows, are Monte Carlo: see distribution_mean.)"""
+def latent_statistics(module, split, batch_size: int = 256, device="cpu", with_guide: bool = True) -> dict:
+    """Means of p(z_I | x_I) and (`with_guide`: the objective has q(z_T | x_T)) of the guide per record,
+    and for diagonal Gaussians the KL(q || p) per dimension per record. Arrays (N, D) as numpy; missing
+    parts are None. (Means of families without a closed form, e.g. flows, are Monte Carlo: see
+    distribution_mean.)"""
     module.eval()
     model = module.model
     prior_means, guide_means, kl_dims, labels = [], [], [], []
-    with_guide = has_guide(module)
     for batch in _loader(split, batch_size):
         batch = batch.to(device)
         prior = model.prior(model.image_encoder(batch.images))
@@ -211,12 +180,13 @@ def held_out_log_likelihood(module, split, num_samples: int = DEFAULT_IS_SAMPLES
                             batch_size: int = 256, device="cpu", seed: Optional[int] = 0) -> np.ndarray:
     """Per-record estimate of log p(y | x_I) (Eq. 2), in nats, by :func:`importance_log_marginal`.
 
-    proposal: "prior" (p(z_I | x_I), images alone) or "guide" (q(z_T | x_T), needs reports).
+    proposal: "prior" (p(z_I | x_I), images alone) or "guide" (q(z_T | x_T), needs reports and an
+    objective with a guide).
     """
     if proposal not in ("prior", "guide"):
         raise ValueError(f"proposal must be prior or guide, got {proposal!r}")
-    if proposal == "guide" and not has_guide(module):
-        raise ValueError("the guide proposal needs a module with an EHR posterior (objective vkd or no_mi)")
+    if proposal == "guide" and not hasattr(module.guide, "posterior"):
+        raise ValueError("the guide proposal needs a guide q(z_T|x_T) (an objective with one, e.g. vkd)")
     module.eval()
     model = module.model
     out = []
@@ -279,14 +249,16 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def summarize(module, split, config, device="cpu", is_samples: int = DEFAULT_IS_SAMPLES,
-              bins: int = DEFAULT_BINS, seed: int = 0, probs=None, labels=None) -> dict:
-    """The scalar diagnostics of a module on a split: the ELBO terms at beta = 1, log p(y|x_I) (both
-    proposals where a guide exists), the ECE of the predictive with S = inference.test_samples."""
+              bins: int = DEFAULT_BINS, seed: int = 0, probs=None, labels=None, with_guide: bool = False,
+              test_elbo: bool = True) -> dict:
+    """The scalar diagnostics of an image model on a split: the objective's terms at beta = 1 (where
+    `test_elbo`: its loss can be evaluated on held-out records), log p(y|x_I) (both proposals
+    `with_guide`: the objective has q(z_T|x_T)), the ECE of the predictive with S = inference.test_samples."""
     batch_size = config.train.eval_batch_size
-    out = {"elbo": elbo_terms(module, split, batch_size, device, seed)}
+    out = {"elbo": elbo_terms(module, split, batch_size, device, seed)} if test_elbo else {}
     log_lik = {"K": int(is_samples), "prior_proposal": float(np.mean(
         held_out_log_likelihood(module, split, is_samples, "prior", batch_size, device, seed)))}
-    if has_guide(module) and getattr(split, "token_states", None) is not None:
+    if with_guide and getattr(split, "token_states", None) is not None:
         log_lik["guide_proposal"] = float(np.mean(
             held_out_log_likelihood(module, split, is_samples, "guide", batch_size, device, seed)))
     out["log_p_y_given_x"] = log_lik
@@ -319,27 +291,34 @@ def collapse_report(stats: dict, threshold: float = ACTIVE_THRESHOLD) -> dict:
 def diagnose(run_dir, split: str = "test", is_samples: int = DEFAULT_IS_SAMPLES, bins: int = DEFAULT_BINS,
              seed: int = 0, trust_code: bool = False) -> dict:
     """Write `<run>/diagnostics.json` (diagnostics_<split>.json for other splits) and return it.
-    trust_code: import a prior or guide the run's config names by import path (`load_run`)."""
+    trust_code: import a prior, guide or objective the run's config names by import path (`load_run`).
+    A run whose objective has no image model (text_only) is a one-line UserError."""
     run = load_run(run_dir, trust_code=trust_code)
-    data = prepare_data(run.config)
+    objective = run.objective
+    if objective.predicts_from != "images":
+        raise UserError(f"{run_dir}: diagnose reads the image model, and a {objective.name} run has none "
+                        "(its figures on the reports are in metrics.json)")
+    data = prepare_data(run.config, with_reports=objective.reads_reports)
     module, device = run.module, run.device
     part = data.splits[split]
-    result = {"run": str(run_dir), "split": split, "n": len(part), "objective": run.config.inference.objective,
+    result = {"run": str(run_dir), "split": split, "n": len(part), "objective": objective.name,
               "dataset": run.config.data.name, "seed": seed}
-    result.update(summarize(module, part, run.config, device, is_samples, bins, seed))
-    stats = latent_statistics(module, part, run.config.train.eval_batch_size, device)
+    result.update(summarize(module, part, run.config, device, is_samples, bins, seed, with_guide=objective.has_guide,
+                            test_elbo=objective.test_elbo))
+    stats = latent_statistics(module, part, run.config.train.eval_batch_size, device, with_guide=objective.has_guide)
     result["latent"] = collapse_report(stats)
     suffix = "" if split == "test" else f"_{split}"
-    write_json_atomic(result, Path(run_dir) / f"diagnostics{suffix}.json")
+    write_json(Path(run_dir) / f"diagnostics{suffix}.json", result)
     return result
 
 
 def format_diagnostics(result: dict) -> str:
     """A few lines for the terminal."""
-    e, lik, cal, lat = result["elbo"], result["log_p_y_given_x"], result["calibration"], result["latent"]
+    lik, cal, lat = result["log_p_y_given_x"], result["calibration"], result["latent"]
+    terms = {k: v for k, v in result.get("elbo", {}).items() if k not in ("beta", "n")}
     lines = [f"{result['split']} split, {result['n']} records, objective {result['objective']}",
-             f"  ELBO terms at beta=1 (per record): loss {e['loss']:.4f}  image NLL {e['image_nll']:.4f}  "
-             f"text NLL {e['text_nll']:.4f}  KL {e['kl']:.4f}",
+             "  terms at beta=1 (per record): " + ("  ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                                                   or "none (the objective's loss needs training records)"),
              f"  log p(y|x_I), K={lik['K']}: prior proposal {lik['prior_proposal']:.4f}"
              + (f", guide proposal {lik['guide_proposal']:.4f}" if "guide_proposal" in lik else "") + " nats",
              f"  ECE ({cal['bins']} equal-width bins, {cal['pairs']} record-class pairs, S={cal['S']}): {cal['ece']:.4f}"]

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,7 +43,6 @@ from vkd_pyro.analysis.diagnostics import (
     distribution_mean,
     expected_calibration_error,
     latent_statistics,
-    seeded,
 )
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.classes import CLASSES
@@ -52,7 +52,7 @@ from vkd_pyro.encoders.image import DenseNet121Encoder, SmallCNN
 from vkd_pyro.encoders.text import resolve_text_model
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path, write_json
-from vkd_pyro.training.evaluate import plot_roc, predict_split
+from vkd_pyro.training.evaluate import plot_roc, predict_split, seeded
 
 TSNE_MAX_RECORDS = 2000
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>")
@@ -273,18 +273,22 @@ def choose_records(labels: np.ndarray, count: int) -> list[int]:
 # --------------------------------------------------------------------------- curves
 
 
-def plot_training_curves(history_csv: Path, path: Path) -> None:
-    """loss, image NLL, text NLL, KL, beta and validation macro AUC per epoch from history.csv."""
+def plot_training_curves(history_csv: Path, path: Path, terms: Sequence) -> None:
+    """The objective's `terms` (`Objective.terms`: for vkd loss, image NLL, text NLL, KL), beta and the
+    validation macro AUC per epoch from history.csv, a panel each."""
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise UserError(f"{history_csv}: no epochs recorded")
     epochs = [int(r["epoch"]) for r in rows]
-    panels = [("loss", "loss (minus Eq. 8)"), ("image_nll", "image NLL"), ("text_nll", "text NLL (L_MI)"),
-              ("kl", "KL(q || p), unweighted"), ("beta", "beta (mean over the epoch)"),
-              ("val_macro_auc", "validation macro AUC")]
-    fig = Figure(figsize=(12, 6.2))
-    axs = fig.subplots(2, 3)
+    panels = ([(t.name, t.label) for t in terms]
+              + [("beta", "beta (mean over the epoch)"), ("val_macro_auc", "validation macro AUC")])
+    columns = 3
+    rows_of_panels = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(12, 3.1 * rows_of_panels))
+    axs = np.atleast_1d(fig.subplots(rows_of_panels, columns))
+    for ax in axs.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (column, label) in zip(axs.flat, panels):
         values = [float(r[column]) if r.get(column) not in (None, "") else np.nan for r in rows]
         ax.plot(epochs, values, marker="o", ms=3)
@@ -355,7 +359,8 @@ def plot_reliability(calibration: dict, path: Path) -> None:
 
 def _test_prior_means(run, data) -> tuple[np.ndarray, np.ndarray]:
 
-    stats = latent_statistics(run.module, data.splits["test"], run.config.train.eval_batch_size, run.device)
+    stats = latent_statistics(run.module, data.splits["test"], run.config.train.eval_batch_size, run.device,
+                              with_guide=False)
     means, labels = stats["prior_mean"], stats["labels"]
     if len(means) > TSNE_MAX_RECORDS:
         keep = np.random.default_rng(0).choice(len(means), TSNE_MAX_RECORDS, replace=False)
@@ -364,9 +369,7 @@ def _test_prior_means(run, data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_title(run, folder) -> str:
-    objective = run.config.inference.objective
-    kind = {"vkd": "with VKD", "no_mi": "VKD without L_MI", "image_only": "without VKD (image only)"}.get(objective, objective)
-    return f"{kind}\n{Path(folder).name}"
+    return f"{run.objective.title}\n{Path(folder).name}"
 
 
 def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, samples: Optional[int] = None,
@@ -377,8 +380,10 @@ def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, sampl
         raise UserError(f"--records: must be >= 0, got {records}")
     folder = Path(run_dir)
     run = load_run(str(folder), trust_code=trust_code)
-    config, module, device = run.config, run.module, run.device
-    data = prepare_data(config)
+    config, module, device, objective = run.config, run.module, run.device, run.objective
+    if objective.predicts_from != "images":
+        raise UserError(f"{folder}: the figures read the image model, and a {objective.name} run has none")
+    data = prepare_data(config, with_reports=objective.reads_reports)
     test = data.splits["test"]
     if len(test) == 0:
         raise UserError(f"{folder}: the test split is empty")
@@ -410,15 +415,15 @@ def make_figures(run_dir, compare: Optional[str] = None, records: int = 2, sampl
 
     # Training curves and posterior collapse.
     if (folder / "history.csv").is_file():
-        plot_training_curves(folder / "history.csv", out / "training_curves.png")
+        plot_training_curves(folder / "history.csv", out / "training_curves.png", objective.terms)
         written.append(out / "training_curves.png")
-    stats = latent_statistics(module, test, config.train.eval_batch_size, device)
+    stats = latent_statistics(module, test, config.train.eval_batch_size, device, with_guide=objective.has_guide)
     plot_latent_units(collapse_report(stats), out / "latent_units.png")
     written.append(out / "latent_units.png")
 
     # Fig. 3: Grad-CAM and report attention for chosen records.
     chosen = choose_records(test_labels, min(records, len(test)))
-    with_text = config.inference.has_guide and getattr(test, "token_states", None) is not None
+    with_text = objective.has_guide and getattr(test, "token_states", None) is not None
     tokenizer = load_tokenizer(config.text_encoder.name) if chosen else None
     findings = [i for i, c in enumerate(CLASSES) if c != "No Finding"]
     kept = []

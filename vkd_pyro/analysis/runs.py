@@ -1,9 +1,10 @@
-"""The Python API to a trained run: `load_run(run_dir, device)` -> a :class:`Run` to predict and evaluate with.
+"""The Python API: `train(config, out, **overrides)` and `load_run(run_dir, device)` -> a :class:`Run`.
 
-    run = vkd_pyro.load_run("runs/demo-vkd-seed0", device="cpu")
+    run = vkd_pyro.train("configs/demo.yaml", out="runs/demo", train__max_epochs=5)  # as `vkd-pyro train`
+    run = vkd_pyro.load_run("runs/demo", device="cpu")   # a finished run folder
     prediction = run.predict(["chest.png"], samples=32)   # probabilities and their Monte Carlo spread
-    metrics = run.evaluate("test")                        # what metrics.json holds
-    run.model, run.guide                                  # the Pyro programs, for custom inference
+    metrics = run.evaluate("test")                        # what metrics.json holds, the same figures
+    run.model, run.guide, run.objective                   # the Pyro programs and the objective
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from vkd_pyro.classes import CLASSES
-from vkd_pyro.config import Config, load_config
+from vkd_pyro.config import Config, config_from_dict, load_config
 from vkd_pyro.data.decode import MISSING, BadImage, decode_image, to_unit_float
 from vkd_pyro.data.prepare import prepare_data
-from vkd_pyro.data.splits import split_label_mask
 from vkd_pyro.errors import UserError
 from vkd_pyro.inference.module import VKDModule
-from vkd_pyro.training.build import build_module
-from vkd_pyro.training.checkpoint import load_checkpoint
-from vkd_pyro.training.evaluate import predict_split, split_metrics, teacher_metrics, teacher_split
-from vkd_pyro.training.families import check_trusted
-from vkd_pyro.training.loop import resolve_device
-from vkd_pyro.training.run_folder import check_loadable, read_record
+from vkd_pyro.objectives import Objective, objective_for
+from vkd_pyro.training.evaluate import evaluate_split, local_predictors, seeded
+from vkd_pyro.training.load import load_trained
+from vkd_pyro.training.loop import fit
+from vkd_pyro.training.run_folder import default_run_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
 
@@ -67,6 +66,7 @@ class Run:
 
     model, guide: the Pyro programs (`VKDModel`, `EHRPosterior`) for custom inference, e.g.
         `pyro.infer.Predictive(run.model.program, num_samples=S)(features)` or an importance estimate;
+    objective: what the run optimised (`vkd_pyro.objectives`);
     predict(images, samples): probabilities from images alone; evaluate(split): what metrics.json holds.
     """
 
@@ -84,15 +84,19 @@ class Run:
     def guide(self):
         return self.module.guide
 
+    @property
+    def objective(self) -> Objective:
+        return objective_for(self.config)
+
     def predict(self, images, samples: Optional[int] = None, batch_size: Optional[int] = None,
                 progress: bool = False) -> Prediction:
         """Algorithm 2 for `images`: file paths (files, folders, glob patterns; any format the training
         decoder reads) or a tensor (B, 1, H, W) / (B, H, W) of values in [0, 1] at the run's image size."""
         samples = samples or self.config.inference.test_samples
         batch_size = batch_size or self.config.train.eval_batch_size
-        if self.config.inference.objective == "text_only":
-            raise UserError(f"{self.folder}: a text_only run predicts from reports, not images (its test figures "
-                            "are in metrics.json; Run.evaluate recomputes them)")
+        if self.objective.predicts_from != "images":
+            raise UserError(f"{self.folder}: a {self.config.inference.objective} run predicts from reports, not "
+                            "images (its test figures are in metrics.json; Run.evaluate recomputes them)")
         if torch.is_tensor(images):
             paths, tensor = None, images if images.dim() == 4 else images.unsqueeze(1)
             chunks = [tensor[i:i + batch_size] for i in range(0, len(tensor), batch_size)]
@@ -112,25 +116,44 @@ class Run:
         return Prediction(torch.cat(means).numpy(), torch.cat(stds).numpy(), tuple(CLASSES), samples,
                           [str(p) for p in paths] if paths is not None else None)
 
-    def evaluate(self, split: str = "test", samples: Optional[int] = None) -> dict:
+    def evaluate(self, split: str = "test", samples: Optional[int] = None, seed: Optional[int] = None) -> dict:
         """What metrics.json holds for `split`, computed now on this run's dataset (nothing is written):
-        per-class, macro and micro AUC from images alone (Algorithm 2), and for runs with a guide and an
-        MI head the `teacher` block, q(y|z_T) on the reports (for text_only, the main figures)."""
+        per-class, macro and micro AUC from images alone (Algorithm 2), and for runs with a teacher
+        q(y|z_T) the `teacher` block (for an objective without an image side, the main figures).
+
+        The Monte Carlo draws are seeded by `seed`, the run's seed by default, as training seeds its
+        test report: the run's split and S give metrics.json's figures exactly (on the device it was
+        trained on; another seed gives fresh draws)."""
         samples = samples or self.config.inference.test_samples
-        teacher = self.module.has_teacher
-        data = prepare_data(self.config, with_reports=teacher, device=self.device)
+        objective = self.objective
+        data = prepare_data(self.config, with_reports=objective.reads_reports and objective.has_teacher,
+                            device=self.device)
         if split not in data.splits:
             raise UserError(f"split {split!r}: not one of {', '.join(data.splits)}")
-        part, mask, batch = data.splits[split], split_label_mask(data.splits[split]), self.config.train.eval_batch_size
         extra = {"best_epoch": self.checkpoint.get("epoch"), "val_macro_auc": self.checkpoint.get("val_macro_auc")}
-        if teacher:
-            teacher_probs, teacher_nll, labels = teacher_split(self.module, part, samples, batch, self.device)
-            extra["teacher"] = teacher_metrics(teacher_probs, teacher_nll, labels, mask, self.config, samples)
-        if self.config.inference.objective == "text_only":  # no image side: its figures are the teacher's
-            return split_metrics(teacher_probs, labels, mask, self.config, split, samples,
-                                 {"evaluated_on": "reports", **extra})
-        probs, _, labels = predict_split(self.module, part, samples, batch, self.device)
-        return split_metrics(probs, labels, mask, self.config, split, samples, {"evaluated_on": "images", **extra})
+        predictors = local_predictors(self.module, self.config, samples, self.device)
+        with seeded(self.config.seed if seed is None else seed, self.device):
+            metrics, _, _ = evaluate_split(objective, data.splits[split], split, samples, *predictors, extra)
+        return metrics
+
+
+def train(config, out=None, overwrite: bool = False, progress: Optional[bool] = False, **overrides) -> Run:
+    """Train a run as `vkd-pyro train --config FILE --out DIR key=value ...` does and return it loaded.
+
+    `config`: a YAML file's path or a mapping of sections (as a config file holds); `overrides`:
+    dotted keys with `__` for the dots (`train__max_epochs=5`, `inference__objective="no_mi"`);
+    `out`: the run folder (default runs/<config>-<objective>-seed<seed>-<hash>, as the CLI). The
+    folder's rules are the CLI's (`overwrite` moves another run's files aside). Returns
+    `load_run(out)` on the config's device, with the run's code trusted (it was just trained).
+    """
+    texts = [f"{key.replace('__', '.')}={value}" for key, value in overrides.items()]
+    if isinstance(config, dict):
+        resolved, name = config_from_dict(config, "config", texts), "config"
+    else:
+        resolved, name = load_config(config, texts), config
+    folder = Path(out) if out is not None else default_run_folder(name, resolved)
+    fit(resolved, folder, progress=progress, overwrite=overwrite)
+    return load_run(folder, device=resolved.device, trust_code=True)
 
 
 def load_run(run_dir, device: str = "cpu", trust_code: bool = False) -> Run:
@@ -139,31 +162,10 @@ def load_run(run_dir, device: str = "cpu", trust_code: bool = False) -> Run:
 
     One-line UserError when the weights and the config are not the same run's, or another process
     is training it now (vkd_pyro.training.run_folder.check_loadable), and when config.yaml names a
-    prior or guide by an import path and `trust_code` is False (its module is not imported).
+    prior, guide or objective by an import path and `trust_code` is False (its module is not imported).
     """
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: run folder not found (train writes one with --out)")
-    config = load_config(folder / "config.yaml")
-    config.device = device
-    record = read_record(folder)
-    unfinished = record is not None and record.get("status") in ("running", "failed")
-    if unfinished and not (folder / "checkpoint.pt").is_file():
-        raise UserError(f"{folder}: run {record['run_id']} is {record['status']}"
-                        + (f" ({record['reason']})" if record.get("reason") else "")
-                        + " and has written no checkpoint.pt (it is written at the end of the first epoch)")
-    checkpoint = load_checkpoint(folder / "checkpoint.pt")
-    check_loadable(folder, checkpoint)
-    check_trusted(config.model, str(folder / "config.yaml"), trust_code)
-    target = resolve_device(device)
-    module = build_module(config, checkpoint.get("text_dims"))
-    try:
-        module.load_state_dict(checkpoint["module"])
-    except (KeyError, RuntimeError) as exc:
-        raise UserError(f"{folder / 'checkpoint.pt'}: does not match {folder / 'config.yaml'} "
-                        f"({str(exc).splitlines()[0]})") from None
-    module.to(target).eval()
-    return Run(config, module, checkpoint, target, folder)
+    config, module, checkpoint = load_trained(run_dir, device, trust_code)
+    return Run(config, module, checkpoint, next(module.parameters()).device, Path(run_dir))
 
 
 def expand_image_paths(items: Sequence) -> list[str]:

@@ -46,34 +46,27 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from vkd_pyro.analysis.compare import pooled_bootstrap
-from vkd_pyro.analysis.diagnostics import (
-    ACTIVE_THRESHOLD,
-    collapse_report,
-    has_guide,
-    latent_statistics,
-    summarize,
-    write_json_atomic,
-)
+from vkd_pyro.analysis.diagnostics import ACTIVE_THRESHOLD, collapse_report, latent_statistics, summarize
 from vkd_pyro.analysis.launch import Job, LocalLauncher
 from vkd_pyro.analysis.runs import load_run
 from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path, write_json, write_text
+from vkd_pyro.objectives import objective_for
 from vkd_pyro.training import distributed
 from vkd_pyro.training.distributed import say
 from vkd_pyro.training.loop import fit as train_fit
 from vkd_pyro.training.predictions import read_predictions
 from vkd_pyro.training.run_folder import config_differences, flatten, folder_lock, move_aside, read_record, run_entries
 
-# Columns of sweep.csv after the grid keys and the seed; (column, label in sweep.md, format).
-METRIC_COLUMNS = [
+# Columns of sweep.csv after the grid keys and the seed: (column, label in sweep.md, format); between
+# the AUCs and the rest, the test-split terms of the runs' objectives (`term_columns`).
+AUC_COLUMNS = [
     ("macro_auc", "macro AUC", "{:.3f}"),
     ("micro_auc", "micro AUC", "{:.3f}"),
-    ("loss", "test loss", "{:.3f}"),
-    ("image_nll", "image NLL", "{:.3f}"),
-    ("text_nll", "text NLL", "{:.3f}"),
-    ("kl", "KL", "{:.3f}"),
+]
+EVALUATION_COLUMNS = [
     ("log_lik", "log p(y\\|x)", "{:.3f}"),  # the pipe escaped: a markdown table cell
     ("ece", "ECE", "{:.3f}"),
     ("teacher_auc", "teacher AUC", "{:.3f}"),
@@ -258,30 +251,43 @@ _PREPARED: dict = {}  # the last PreparedData evaluate_run used, under "data", a
 def evaluate_run(folder: Path, wall_seconds: Optional[float] = None) -> dict:
     """Load a finished run, evaluate the sweep's extra metrics on its test split, write sweep_run.json."""
     run = load_run(str(folder), trust_code=True)  # plan() checked its config is the one the sweep was given
+    objective = run.objective
     key = json.dumps([run.config.to_dict()[k] for k in ("data", "text_encoder", "cache_dir")]
-                     + [run.config.inference.objective != "image_only"], sort_keys=True, default=str)
+                     + [objective.reads_reports], sort_keys=True, default=str)
     if _PREPARED.get("key") != key:  # the runs of a sweep mostly share their data: prepare it once
         _PREPARED.clear()
-        _PREPARED.update(key=key, data=prepare_data(run.config))
+        _PREPARED.update(key=key, data=prepare_data(run.config, with_reports=objective.reads_reports))
     data = _PREPARED["data"]
     metrics = json.loads((folder / "metrics.json").read_text())
     if wall_seconds is None:  # a run finished by an earlier, interrupted sweep: its training time
         wall_seconds = metrics.get("train_seconds")
     summary = {"wall_seconds": wall_seconds}
-    # the diagnostics of the Pyro model on the test split: text_only has no image model, and kd's
-    # likelihood needs the teacher's soft labels, which exist for the training split only
-    if run.config.inference.objective not in ("text_only", "kd"):
-        result = summarize(run.module, data.splits["test"], run.config, run.device, is_samples=IS_SAMPLES)
+    # the diagnostics of the image model on the test split, where the objective's loss can be evaluated there
+    if objective.test_elbo and objective.predicts_from == "images":
+        result = summarize(run.module, data.splits["test"], run.config, run.device, is_samples=IS_SAMPLES,
+                           with_guide=objective.has_guide)
         summary.update({"elbo": result["elbo"], "log_lik": result["log_p_y_given_x"]["prior_proposal"],
                         "is_samples": IS_SAMPLES, "ece": result["calibration"]["ece"],
                         "ece_bins": result["calibration"]["bins"]})
-        if has_guide(run.module):  # posterior collapse: the active units of q(z_T | x_T) on the test reports
+        if objective.has_guide:  # posterior collapse: the active units of q(z_T | x_T) on the test reports
             collapse = collapse_report(latent_statistics(run.module, data.splits["test"],
-                                                         run.config.train.eval_batch_size, run.device))
+                                                         run.config.train.eval_batch_size, run.device, with_guide=True))
             summary.update(active_units=collapse["guide_active_units"], active_threshold=collapse["threshold"],
                            z_dim=collapse["z_dim"])
-    write_json_atomic(summary, folder / RUN_SUMMARY)
+    write_json(folder / RUN_SUMMARY, summary)
     return summary
+
+
+def term_columns(runs: Sequence[PlannedRun]) -> list[tuple[str, str, str]]:
+    """The test-split terms of the finished runs' objectives (`Objective.terms`, each objective's
+    order, the first run's first): sweep.csv columns named as the terms, labelled "test <label>"."""
+    columns: dict = {}
+    for run in runs:
+        if is_finished(run.folder):
+            config = load_config(run.folder / "config.yaml")
+            for term in objective_for(config).terms:
+                columns.setdefault(term.name, (term.name, f"test {term.label}", "{:.3f}"))
+    return list(columns.values())
 
 
 def _number(value) -> float:
@@ -292,8 +298,9 @@ def _number(value) -> float:
     return value
 
 
-def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis]) -> list[dict]:
-    """One row per finished planned run, read from its folder (metrics.json, sweep_run.json)."""
+def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis], terms: Sequence[tuple]) -> list[dict]:
+    """One row per finished planned run, read from its folder (metrics.json, sweep_run.json); `terms`
+    are the columns of :func:`term_columns` (NaN where a run's objective has no such term)."""
     rows = []
     for run in runs:
         if not is_finished(run.folder):
@@ -304,10 +311,9 @@ def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis]) -> list[dict]
         elbo = summary.get("elbo", {})
         row = {axis.key: run.assignment[axis.key] for axis in axes}
         row.update(seed=run.seed, macro_auc=_number(metrics.get("macro_auc")),
-                   micro_auc=_number(metrics.get("micro_auc")),
-                   loss=_number(elbo.get("loss")), image_nll=_number(elbo.get("image_nll")),
-                   text_nll=_number(elbo.get("text_nll")), kl=_number(elbo.get("kl")),
-                   log_lik=_number(summary.get("log_lik")), ece=_number(summary.get("ece")),
+                   micro_auc=_number(metrics.get("micro_auc")))
+        row.update({name: _number(elbo.get(name)) for name, _, _ in terms})
+        row.update(log_lik=_number(summary.get("log_lik")), ece=_number(summary.get("ece")),
                    teacher_auc=_number((metrics.get("teacher") or {}).get("macro_auc")),
                    active_units=_number(summary.get("active_units")),
                    wall_seconds=_number(summary.get("wall_seconds", metrics.get("train_seconds"))),
@@ -317,10 +323,15 @@ def collect_rows(runs: Sequence[PlannedRun], axes: Sequence[Axis]) -> list[dict]
     return rows
 
 
-def write_csv(rows: Sequence[dict], axes: Sequence[Axis], path: Path) -> None:
-    columns = [axis.key for axis in axes] + ["seed"] + [c for c, _, _ in METRIC_COLUMNS] + ["run"]
+def metric_columns(terms: Sequence[tuple]) -> list[tuple[str, str, str]]:
+    """sweep.csv's and sweep.md's metric columns: the AUCs, the objectives' test terms, the rest."""
+    return AUC_COLUMNS + list(terms) + EVALUATION_COLUMNS
+
+
+def write_csv(rows: Sequence[dict], axes: Sequence[Axis], path: Path, columns: Sequence[tuple]) -> None:
+    names = [axis.key for axis in axes] + ["seed"] + [c for c, _, _ in columns] + ["run"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -426,22 +437,23 @@ def baseline_note(baseline: dict) -> str:
             "records and labels, but from another input.")
 
 
-def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, notes: Sequence[str] = (),
-                    differences: Optional[dict] = None, baseline: Optional[dict] = None) -> str:
+def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, columns: Sequence[tuple],
+                    notes: Sequence[str] = (), differences: Optional[dict] = None,
+                    baseline: Optional[dict] = None) -> str:
     """sweep.md: a row per grid point (mean ± std over seeds); with `baseline`, a column of the
     macro-AUC difference to it (`differences` from :func:`baseline_differences`)."""
     lines = [f"# {title}", ""]
     if notes:
         lines += [f"{n}  " for n in notes] + [""]
-    header = [axis.key for axis in axes] + ["seeds"] + [label for _, label, _ in METRIC_COLUMNS[:1]]
+    header = [axis.key for axis in axes] + ["seeds"] + [label for _, label, _ in columns[:1]]
     if baseline is not None:
         header.append("Δ macro AUC [95% CI]")
-    header += [label for _, label, _ in METRIC_COLUMNS[1:]]
+    header += [label for _, label, _ in columns[1:]]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for assignment, members in aggregate(rows, axes):
         cells = [assignment[a.key] for a in axes] + [str(len(members))]
-        metrics = [format_mean_std([m[c] for m in members], fmt) for c, _, fmt in METRIC_COLUMNS]
+        metrics = [format_mean_std([m[c] for m in members], fmt) for c, _, fmt in columns]
         cells.append(metrics[0])
         if baseline is not None:
             point = tuple(assignment[a.key] for a in axes)
@@ -452,7 +464,8 @@ def format_markdown(rows: Sequence[dict], axes: Sequence[Axis], title: str, note
     if baseline is not None:
         lines += ["", baseline_note(baseline)]
     lines += ["", "Mean ± std over seeds (sample std, n-1; the mean alone with one seed). Test split. "
-              "test loss, image NLL, text NLL, KL: the ELBO terms (minus Eq. 8) per record at beta = 1. "
+              "test loss, image NLL, text NLL, KL, ...: the terms each run's objective records (minus Eq. 8 and its "
+              "parts for vkd), per record at beta = 1, where its loss can be evaluated on the test records. "
               f"log p(y|x): Monte Carlo estimate over K={IS_SAMPLES} prior samples, nats per record. "
               "ECE: 10 equal-width bins over all (record, class) pairs. teacher AUC: macro AUC of q(y|z_T) on the test "
               "reports (metrics.json's teacher block). active units: latent dimensions d of q(z_T|x_T) with "
@@ -545,10 +558,11 @@ def write_outputs(runs, axes, out_dir: Path, title: str, plot: bool = True,
     """sweep.csv and sweep.md (and with `plot`, sweep.png) from the finished planned runs' folders;
     with `baseline` (a grid point, :func:`parse_baseline`) sweep.md has each row's macro-AUC
     difference to it with its 95% interval (:func:`baseline_differences`)."""
-    rows = collect_rows(runs, axes)
-    write_csv(rows, axes, out_dir / "sweep.csv")
+    columns = metric_columns(term_columns(runs))
+    rows = collect_rows(runs, axes, columns[len(AUC_COLUMNS):-len(EVALUATION_COLUMNS)])
+    write_csv(rows, axes, out_dir / "sweep.csv", columns)
     differences = baseline_differences(rows, axes, out_dir / "runs", baseline) if baseline else None
-    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, recorded_notes(runs), differences,
+    write_text(out_dir / "sweep.md", format_markdown(rows, axes, title, columns, recorded_notes(runs), differences,
                                                      baseline))
     if rows and plot:
         plot_sweep(rows, axes, out_dir / "sweep.png", title)

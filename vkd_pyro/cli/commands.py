@@ -22,8 +22,9 @@ from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.errors import ConfigError, UserError
 from vkd_pyro.files import atomic_path, write_json
-from vkd_pyro.training.build import check_families
-from vkd_pyro.training.evaluate import report
+from vkd_pyro.objectives import objective_for
+from vkd_pyro.training.build import check_config
+from vkd_pyro.training.evaluate import local_predictors, report
 from vkd_pyro.training.loop import fit
 from vkd_pyro.training.resume import resume_config
 from vkd_pyro.training.run_folder import default_run_folder, folder_lock, read_record
@@ -44,17 +45,17 @@ def cmd_train(args) -> None:
         if args.overwrite:
             raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
         fit(resume_config(args.resume, args.overrides, args.trust_code), Path(args.resume), progress=progress,
-            resume=True)
+            resume=True, trust_code=args.trust_code)
         return
     if args.config is None:
         raise UserError("train: give --config FILE (a new run) or --resume DIR (an interrupted one)")
     config = load_config(args.config, args.overrides)
     try:
-        check_families(config)
-    except ConfigError as exc:  # the families are resolved after loading: name the file here
+        check_config(config)
+    except ConfigError as exc:  # families and objectives are resolved after loading: name the file here
         raise ConfigError(f"{args.config}: {exc}") from None
     out = Path(args.out) if args.out else default_run_folder(args.config, config)
-    fit(config, out, progress=progress, overwrite=args.overwrite)
+    fit(config, out, progress=progress, overwrite=args.overwrite, trust_code=args.trust_code)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -91,7 +92,8 @@ def _check_sample_memory(config, samples: int, batch: int, device: torch.device)
 def cmd_evaluate(args) -> None:
     _positive(args.samples, "--samples")
     run = load_run(args.run, device=args.device, trust_code=args.trust_code)
-    data = prepare_data(run.config, with_reports=False)
+    objective = run.objective
+    data = prepare_data(run.config, with_reports=objective.reads_reports and objective.has_teacher, device=run.device)
     samples = args.samples or run.config.inference.test_samples
     if args.split not in data.splits or len(data.splits[args.split]) == 0:
         raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")
@@ -99,7 +101,8 @@ def cmd_evaluate(args) -> None:
     _check_sample_memory(run.config, samples, batch, run.device)
     record = read_record(Path(args.run))
     with folder_lock(args.run, create=False):  # no training writes the folder meanwhile
-        report(run.module, data, run.config, Path(args.run), args.split, samples, run.device,
+        report(objective, data, Path(args.run), args.split, samples,
+               *local_predictors(run.module, run.config, samples, run.device), run.device,
                {"best_epoch": run.checkpoint.get("epoch"), "val_macro_auc": run.checkpoint.get("val_macro_auc"),
                 "run_id": record["run_id"] if record else None})
 
@@ -147,7 +150,7 @@ def cmd_render(args) -> None:
 def cmd_data_check(args) -> None:
     """`vkd-pyro data check`: build the config's dataset, print its card (and write it as JSON)."""
     config = load_config(args.config, args.overrides)
-    card = check(config)
+    card = check(config, objective_for(config).reads_reports)
     print(format_card(card), flush=True)
     if args.json:
         write_json(args.json, card)

@@ -15,7 +15,8 @@ DESCRIPTION = (
     "Variational Knowledge Distillation (van Sonsbeek et al., IPMI 2021) in Pyro: learn from chest "
     "X-rays paired with reports, diagnose from the X-ray alone."
 )
-TRUST_HELP = "import a prior or guide that the run's config.yaml names by an import path (package.module:Name)"
+TRUST_HELP = ("import a prior, guide or objective that the run's config.yaml names by an import path "
+              "(package.module:Name)")
 
 # sub-command -> "module:function" that runs it with the parsed arguments
 HANDLERS = {
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the run folder holds another run: move its files into DIR/.replaced-<time>/ and train "
                        "afresh (nothing is deleted)")
     train.add_argument("--trust-code", action="store_true",
-                       help="with --resume: import a prior or guide that the run's config.yaml names by an import path")
+                       help="import a prior, guide or objective that a run's config.yaml names by an import path "
+                       "(the run resumed, or the kd teacher run)")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides of config values, e.g. inference.objective=no_mi train.max_epochs=5")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

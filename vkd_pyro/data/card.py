@@ -144,9 +144,10 @@ def format_card(card: dict) -> str:
     return "\n".join(lines)
 
 
-def check(config: Config) -> dict:
-    """Build `config`'s dataset and splits (validating every record and image) and return its card."""
+def check(config: Config, with_reports: bool) -> dict:
+    """Build `config`'s dataset and splits (validating every record and image) and return its card
+    (`with_reports`: the config's objective reads the reports, which an image-only dataset refuses)."""
     started = time.perf_counter()
-    dataset = build_dataset(config)
+    dataset = build_dataset(config, with_reports)
     splits = dataset_splits(dataset, config.data.split, config.data.split_seed)
     return dataset_card(dataset, splits, config, time.perf_counter() - started)

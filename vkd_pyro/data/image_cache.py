@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 import warnings
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from vkd_pyro.data.decode import BadImage, decode_image  # BadImage: re-exported for the datasets
+from vkd_pyro.files import atomic_path, write_json
 
 #: Changes whenever decoding or resizing does: it keys the cache.
 #: 2: one decoder with predict; >8-bit images scaled by their significant bit depth; DICOM.
@@ -119,41 +119,38 @@ def load_or_decode(paths: Sequence[str], size: int, cache_dir: Optional[os.PathL
 
     started = time.perf_counter()
     bad: list[tuple[int, str, str]] = []
-    tmp = None
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp.npy")
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-    else:
-        images = np.zeros((len(paths), size, size), dtype=np.uint8)
     jobs = [(i, p, size) for i, p in enumerate(paths)]
-    try:
-        if workers > 1 and len(jobs) >= 4 * workers:
-            with get_context("fork").Pool(workers) as pool:
-                results = pool.imap(_decode_job, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
-                for index, array, failure in results:
-                    _store(images, bad, on_bad, index, array, failure, paths)
-        else:
-            for job in jobs:
-                _store(images, bad, on_bad, *_decode_job(job), paths)
-        if tmp is not None:
+    if target is None:
+        images = np.zeros((len(paths), size, size), dtype=np.uint8)
+        _decode_into(images, bad, on_bad, jobs, workers, paths)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # decoded straight into the temporary file; the .json (the bad files) lands before the array
+        with atomic_path(target, suffix=".npy") as tmp:
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+            _decode_into(images, bad, on_bad, jobs, workers, paths)
             images.flush()
             del images
-            meta = {"format": CACHE_FORMAT, "size": size, "count": len(paths), "bad": bad}
-            tmp.with_suffix(".json").write_text(json.dumps(meta))
-            os.replace(tmp.with_suffix(".json"), target.with_suffix(".json"))
-            os.replace(tmp, target)
-            images = np.load(target, mmap_mode="r")
-    finally:
-        if tmp is not None:
-            for leftover in (tmp, tmp.with_suffix(".json")):
-                if leftover.exists():
-                    leftover.unlink()
+            write_json(target.with_suffix(".json"), {"format": CACHE_FORMAT, "size": size, "count": len(paths),
+                                                     "bad": bad})
+        images = np.load(target, mmap_mode="r")
     if progress is not None:
         seconds = time.perf_counter() - started
         progress(f"{dataset}: decoded {len(paths)} image files at {size} px in {seconds:.1f} s "
                  f"({len(paths) / max(seconds, 1e-9):.0f} images/s)" + (f"; cached in {target}" if target else ""))
     return images
+
+
+def _decode_into(images, bad, on_bad, jobs, workers, paths) -> None:
+    """Decode `jobs` into the rows of `images` (in `workers` processes when > 1), in index order."""
+    if workers > 1 and len(jobs) >= 4 * workers:
+        with get_context("fork").Pool(workers) as pool:
+            results = pool.imap(_decode_job, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+            for index, array, failure in results:
+                _store(images, bad, on_bad, index, array, failure, paths)
+    else:
+        for job in jobs:
+            _store(images, bad, on_bad, *_decode_job(job), paths)
 
 
 def _store(images, bad, on_bad, index, array, failure, paths) -> None:

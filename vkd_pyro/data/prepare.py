@@ -41,10 +41,11 @@ def text_dims(encoder: FrozenTextEncoder) -> dict:
             "intermediate_size": encoder.intermediate_size}
 
 
-def prepare_data(config: Config, with_reports: bool = True, device: Optional[torch.device] = None) -> PreparedData:
-    """Dataset, split by group, and (for objectives with a guide) the frozen report states, encoded
-    once on `device` (the run's; default the CPU) into the on-disk text feature store."""
-    dataset = build_dataset(config)
+def prepare_data(config: Config, with_reports: bool, device: Optional[torch.device] = None) -> PreparedData:
+    """Dataset, split by group, and (`with_reports`: for objectives that read the reports,
+    `Objective.reads_reports`) the frozen report states, encoded once on `device` (the run's;
+    default the CPU) into the on-disk text feature store."""
+    dataset = build_dataset(config, with_reports)
     indices = dataset_splits(dataset, config.data.split, config.data.split_seed)  # official split if any
     indices, fraction_note = reduce_train(indices, dataset.groups, config.data.train_fraction, config.data.split_seed)
     notes = [f"{config.data.name}: {len(dataset)} records"
@@ -53,7 +54,7 @@ def prepare_data(config: Config, with_reports: bool = True, device: Optional[tor
     if config.data.train_fraction < 1:
         notes.append(fraction_note)
     states, dims, identity = None, None, None
-    if with_reports and config.inference.uses_reports:
+    if with_reports:
         encoder = FrozenTextEncoder(config.text_encoder.name)
         store = TextFeatureStore.for_encoder(config.resolved_cache_dir(), encoder, config.text_encoder.max_tokens)
         started = time.perf_counter()

@@ -10,10 +10,10 @@ from vkd_pyro.data.openi import OpenIDataset
 from vkd_pyro.errors import UserError
 
 
-def build_real_dataset(config: Config, say=logs.info):
+def build_real_dataset(config: Config, with_reports: bool = False, say=logs.info):
     """The real dataset `config.data.name` with the config's options (images cached in its cache dir).
 
-    chestxray14 has no reports: an objective that reads them (`vkd`, `no_mi`, `text_only`, `kd`) is a UserError here,
+    chestxray14 has no reports: `with_reports` (an objective that reads them) is a UserError here,
     before any image is decoded.
     """
     data = config.data
@@ -27,7 +27,7 @@ def build_real_dataset(config: Config, say=logs.info):
                                label_policy=data.label_policy, blank_policy=data.blank_policy,
                                include_indication=data.include_indication, **common)
     if data.name == "chestxray14":
-        if config.inference.objective != "image_only":
+        if with_reports:
             raise UserError(f"inference.objective: {config.inference.objective} reads reports, but chestxray14 "
                             f"has none; use inference.objective=image_only (fine-tune with init_from=RUN_DIR)")
         if data.reports:

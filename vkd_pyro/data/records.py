@@ -1,9 +1,10 @@
-"""What the real-dataset loaders share: bad-record bookkeeping, table checks and the dataset class.
+"""What the dataset loaders share: bad-record bookkeeping, table checks and the dataset class.
 
-A loader (`openi`, `mimic_cxr`, `chestxray14`) reads its release's tables into candidate records
-(one per image it would use), reports each bad record to a :class:`BadRecords` and hands the rest
-to :class:`XRayDataset`, which decodes every image once through the on-disk cache
-(`vkd_pyro.data.image_cache`) and keeps the records whose image could be read.
+A loader (`openi`, `mimic_cxr`, `chestxray14`, `openi_phantom`) reads its source into candidate
+records (one per image it would use), reports each bad record to a :class:`BadRecords` and hands
+the rest to :class:`XRayDataset`, which loads every image once (the real datasets decode their files
+through the on-disk cache, `vkd_pyro.data.image_cache`; `openi_phantom` renders its images) and
+keeps the records whose image could be read.
 
 Bad records follow `data.on_bad_record`: `error` raises a DataError naming the record and what is
 wrong with it at the first one; `skip` leaves it out and counts it by reason (`dataset.skipped`,
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -132,23 +133,26 @@ class RowView:
 
 
 class XRayDataset(Dataset):
-    """A real chest X-ray dataset in torchxrayvision's style, with what vkd-pyro's trainer reads.
+    """A chest X-ray dataset in torchxrayvision's style, with what vkd-pyro's trainer reads.
 
-    Built from candidate records (a DataFrame with columns `record` (a name quoted in messages),
-    `path` (the image file), `group` (the split unit: report or patient), `view` and, for datasets
-    with an official split, `split` (train, validation or test)), their labels (N, 14) and label
-    mask (N, 14, 1 = known; None when every label is known) and report texts (None for image-only
-    datasets). Every image is decoded once through the cache; records whose image is bad go to
-    `bad`. Attributes:
+    Each source is a subclass whose docstring says where its data comes from. It is built from
+    candidate records (a DataFrame with columns `record` (a name quoted in messages), `group` (the
+    split unit: report or patient), `view`, `path` (the image file, read by :meth:`load_images`)
+    and, for datasets with an official split, `split` (train, validation or test)), their labels
+    (N, 14) and label mask (N, 14, 1 = known; None when every label is known) and report texts
+    (None for image-only datasets). Every image is loaded once by :meth:`load_images` (decoded
+    through the cache; `openi_phantom` renders instead); records whose image is bad go to `bad`.
+    Attributes:
 
-    - `pathologies` (the 14 classes), `labels` (N, 14) float32, `label_mask` (N, 14) float32 or None,
-      `csv` (the kept records), `texts`, `groups`, `views`, `images` ((N, size, size) uint8 rows);
+    - `name`, `image_size`, `pathologies` (the 14 classes), `labels` (N, 14) float32, `label_mask`
+      (N, 14) float32 or None, `csv` (the kept records), `texts`, `groups`, `views`, `images`
+      ((N, size, size) uint8 rows);
     - `skipped` (reason -> records left out), `skipped_examples` (reason -> a few record names),
       `selection` (records not selected by design, reason -> count);
     - `official_split` (split name -> record indices) when the release defines one, else absent.
 
-    `ds[i]` is {"idx", "img" (1, size, size) float32 in [0, 1], "lab" (14,)} plus "lab_mask" (14,)
-    when the dataset has a label mask.
+    `ds[i]` is {"idx", "img" (1, size, size) float32 in [0, 1] (`vkd_pyro.data.decode.to_unit_float`
+    of the uint8 image), "lab" (14,)} plus "lab_mask" (14,) when the dataset has a label mask.
     """
 
     pathologies = list(CLASSES)
@@ -164,11 +168,10 @@ class XRayDataset(Dataset):
             keep[index] = False
             bad(f"{records.at[index, 'path']} (record {records.at[index, 'record']})", reason, detail)
 
-        array = load_or_decode(list(records["path"]), image_size, cache_dir, name, on_bad,
-                               workers=workers, progress=say)
-        rows = np.flatnonzero(keep)
         self.name = name
         self.image_size = int(image_size)
+        array = self.load_images(records, cache_dir, on_bad, workers, say)
+        rows = np.flatnonzero(keep)
         self.images = array if len(rows) == len(records) else RowView(array, rows)
         self.csv = records.iloc[rows].reset_index(drop=True)
         self.labels = labels[rows]
@@ -183,6 +186,13 @@ class XRayDataset(Dataset):
             splits = self.csv["split"].to_numpy()
             self.official_split = {s: np.flatnonzero(splits == s).astype(np.int64)
                                    for s in ("train", "validation", "test")}
+
+    def load_images(self, records: pd.DataFrame, cache_dir: Optional[os.PathLike],
+                    on_bad: Callable[[int, str, str], None], workers: int, say) -> np.ndarray:
+        """The (N, size, size) uint8 images of `records`, row for row: each `path` decoded once through
+        the cache (`load_or_decode`); `on_bad(index, reason, detail)` for each file that cannot be."""
+        return load_or_decode(list(records["path"]), self.image_size, cache_dir, self.name, on_bad,
+                              workers=workers, progress=say)
 
     def __len__(self) -> int:
         return len(self.csv)

@@ -10,8 +10,9 @@ from vkd_pyro.data.real import build_real_dataset
 REAL_DATASETS = ("openi", "mimic_cxr", "chestxray14")
 
 
-def build_dataset(config: Config):
-    """The dataset a config names. It has `labels` (N, 14), `texts` (N reports), `groups` (the unit
+def build_dataset(config: Config, with_reports: bool = False):
+    """The dataset a config names (`with_reports`: the run reads the reports, which an image-only
+    dataset refuses). It has `labels` (N, 14), `texts` (N reports), `groups` (the unit
     a split keeps together) and `skipped` (records left out, by reason)."""
     data = config.data
     if data.name == "openi_phantom":
@@ -20,5 +21,5 @@ def build_dataset(config: Config):
                                    cache_dir=config.resolved_cache_dir(), difficulty=data.difficulty,
                                    label_policy=data.label_policy)
     if data.name in REAL_DATASETS:
-        return build_real_dataset(config)
+        return build_real_dataset(config, with_reports)
     raise AssertionError(f"unknown dataset {data.name}")  # the config validator lists the known names

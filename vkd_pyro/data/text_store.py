@@ -8,7 +8,7 @@ One store folder per (encoder identity, max_tokens), `<cache_dir>/text/<sha256(i
   offset .. offset + length of `states.f16`. key = sha256(identity, max_tokens, text) (`entry_key`).
 
 Writing appends chunks: the chunk's rows go to the end of `states.f16` (fsync'd), then a new index
-that includes them replaces the old one (a temporary file, then os.replace). An interrupted write
+that includes them replaces the old one (atomically: `vkd_pyro.files.write_bytes`). An interrupted write
 therefore keeps every committed chunk; the rows it left past the committed end are cut off by the
 next writer, which encodes only the texts that are still missing. A store whose index cannot be
 read or disagrees with its array (offsets not contiguous, array shorter than the index says) is
@@ -30,7 +30,6 @@ import io
 import json
 import os
 import time
-import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vkd_pyro.errors import UserError
+from vkd_pyro.files import write_bytes
 
 STORE_FORMAT = 1
 INDEX_DTYPE = np.dtype([("key", "S32"), ("offset", "<i8"), ("length", "<i4")])
@@ -77,19 +77,6 @@ class EncodingReport:
 
 class _Corrupt(Exception):
     """The store's files disagree; the message names the bad file."""
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _index_bytes(index: np.ndarray) -> bytes:
@@ -247,7 +234,7 @@ class TextFeatureStore:
             return
         meta_path = self.folder / META_FILE
         if not meta_path.exists():
-            _fsync_write(meta_path, json.dumps(self.meta).encode())
+            write_bytes(meta_path, json.dumps(self.meta).encode())
         arrays = [s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s) for s in states]
         for a in arrays:
             if a.ndim != 2 or a.shape[1] != self.width or not 1 <= a.shape[0] <= self.meta["max_tokens"]:
@@ -267,7 +254,7 @@ class TextFeatureStore:
             handle.flush()
             os.fsync(handle.fileno())
         index = np.concatenate([self.index, entries])
-        _fsync_write(self.index_path, _index_bytes(index))  # the commit
+        write_bytes(self.index_path, _index_bytes(index))  # the commit
         self.index = index
         self._sorted = None
 

@@ -8,6 +8,7 @@ p(y_c = 1 | x_I, z_I^(s)); its spread is their standard deviation. AUCs are scik
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -180,26 +181,69 @@ def split_metrics(probs: np.ndarray, labels: np.ndarray, mask: Optional[np.ndarr
             **(extra or {})}
 
 
-def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, samples: int,
-           device, extra: Optional[dict] = None, predictions: Optional[tuple] = None) -> dict:
-    """Evaluate `split`; write metrics.json (metrics_<split>.json for other splits), predictions_<split>.npz
-    and roc.png (roc_<split>.png); print the AUC table. Returns the metrics.
+@contextmanager
+def seeded(seed: Optional[int], device="cpu"):
+    """Run the block with torch's RNG seeded to `seed`, restoring the caller's RNG state after it
+    (None: the caller's RNG as it is)."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
-    From images alone (Algorithm 2), except for objective `text_only`, which has no image side: its
-    `predictions` are the teacher's on the reports and metrics.json says "evaluated_on": "reports".
-    `predictions` (mean probabilities, labels) computed beforehand (e.g. gathered from several
-    processes) are used as they are; only rank 0 writes.
-    """
-    on_reports = config.inference.objective == "text_only"
-    if predictions is None:
-        probs, _, labels = predict_split(module, data.splits[split], samples, config.train.eval_batch_size, device)
-    else:
-        probs, labels = predictions
-    mask = split_label_mask(data.splits[split])  # unknown labels (ignore policy, unmapped classes) left out
-    result = split_metrics(probs, labels, mask, config, split, samples,
-                           {"evaluated_on": "reports" if on_reports else "images", **(extra or {})})
+
+def local_predictors(module: VKDModule, config: Config, samples: int, device, num_workers: int = 0):
+    """(predict_images, predict_teacher) for :func:`evaluate_split` in one process: split ->
+    (mean probabilities, labels) from images (Algorithm 2), split -> (mean probabilities, per-class
+    NLL, labels) of q(y|z_T) on the reports."""
+    batch = config.train.eval_batch_size
+
+    def predict_images(split):
+        probs, _, labels = predict_split(module, split, samples, batch, device, num_workers)
+        return probs, labels
+
+    def predict_teacher(split):
+        return teacher_split(module, split, samples, batch, device, num_workers)
+
+    return predict_images, predict_teacher
+
+
+def evaluate_split(objective, split, name: str, samples: int, predict_images, predict_teacher,
+                   extra: Optional[dict] = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, probabilities, labels) of a split as metrics.json holds them: per-class, macro and
+    micro AUC of the objective's predictions (from images, Algorithm 2; from the reports when it has
+    no image side) and, for an objective with a teacher q(y|z_T), its `teacher` block. The image
+    predictions are drawn before the teacher's. Seed the RNG around it (:func:`seeded`) for
+    figures that another evaluation reproduces exactly."""
+    config, extra = objective.config, dict(extra or {})
+    if objective.predicts_from == "images":
+        probs, labels = predict_images(split)
+    mask = split_label_mask(split)  # unknown labels (ignore policy, unmapped classes) left out
+    if objective.has_teacher:
+        teacher_probs, nll, teacher_labels = predict_teacher(split)
+        extra["teacher"] = teacher_metrics(teacher_probs, nll, teacher_labels, mask, config, samples)
+    if objective.predicts_from == "reports":
+        probs, labels = teacher_probs, teacher_labels
+    metrics = split_metrics(probs, labels, mask, config, name, samples,
+                            {"evaluated_on": objective.predicts_from, **extra})
+    return metrics, probs, labels
+
+
+def report(objective, data, out_dir: Path, split: str, samples: int, predict_images, predict_teacher,
+           device="cpu", extra: Optional[dict] = None) -> dict:
+    """Evaluate `split` (:func:`evaluate_split`, with the RNG seeded by the run's seed); write
+    metrics.json (metrics_<split>.json for other splits), predictions_<split>.npz and roc.png
+    (roc_<split>.png); print the AUC table. Returns the metrics. Only rank 0 writes."""
+    config = objective.config
+    with seeded(config.seed, device):
+        result, probs, labels = evaluate_split(objective, data.splits[split], split, samples, predict_images,
+                                               predict_teacher, extra)
     if not distributed.context().is_main:
         return result
+    mask = split_label_mask(data.splits[split])
     suffix = "" if split == "test" else f"_{split}"
     write_json(out_dir / f"metrics{suffix}.json", result)
     write_predictions(out_dir, split, probs, labels, CLASSES, mask=mask, record_ids=split_record_ids(data.splits[split]),
@@ -207,6 +251,7 @@ def report(module: VKDModule, data, config: Config, out_dir: Path, split: str, s
                             "eval_classes": config.data.eval_classes, "evaluated_on": result["evaluated_on"]})
     plot_roc(labels, probs, CLASSES, out_dir / f"roc{suffix}.png", title=f"{config.inference.objective}, {split}",
              mask=mask, evaluated=config.data.eval_classes)
+    on_reports = objective.predicts_from == "reports"
     where = f"reports only (q(y|z_T), S={samples})" if on_reports else f"images only (Algorithm 2, S={samples})"
     say(f"\n{split} split, {len(labels)} records, {where}:")
     columns = {config.inference.objective: result}

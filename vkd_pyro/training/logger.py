@@ -6,21 +6,17 @@ import math
 import time
 from pathlib import Path
 
-from vkd_pyro.inference.elbo import TERM_NAMES
-
 
 class TrainingLogger:
     """Called by the training loop: `step(terms)` after each optimizer step, `epoch(n, values)` after
     each epoch's validation, `close()` at the end (returns the step count and rate for metrics.json).
 
-    With `tensorboard` on, the ELBO terms of each step go to TensorBoard scalars `step/<term>`
-    (loss, image_nll, text_nll, kl, beta) against the global step, and each epoch's `values` to
+    With `tensorboard` on, the terms of each step (`terms`: :class:`~vkd_pyro.inference.terms.StepTerms`,
+    the objective's terms and beta) go to TensorBoard scalars `step/<term>` against the global step, and each epoch's `values` to
     `epoch/<name>`, in `<out_dir>/tensorboard/`. The step rate counts the time from the previous
     call (step or epoch) to each step, so validation is left out of it; the very first step
     (one-time warm-up: allocations, lazy initialisation) is left out too when there are others.
     """
-
-    STEP_TERMS = TERM_NAMES + ("beta",)
 
     def __init__(self, out_dir, tensorboard: bool = False, start_step: int = 0):
         self.writer = None
@@ -44,8 +40,8 @@ class TrainingLogger:
         self.steps += 1
         self.global_step += 1
         if self.writer is not None:
-            for name in self.STEP_TERMS:
-                self.writer.add_scalar(f"step/{name}", float(getattr(terms, name)), self.global_step)
+            for name, value in terms.as_dict().items():
+                self.writer.add_scalar(f"step/{name}", float(value), self.global_step)
 
     def epoch(self, epoch: int, values: dict) -> None:
         if self.writer is not None:

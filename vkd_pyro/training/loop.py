@@ -38,19 +38,19 @@ from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
 from vkd_pyro.data.splits import split_label_mask
 from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
-from vkd_pyro.inference.elbo import TERM_NAMES
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.inference.schedules import KLSchedule
+from vkd_pyro.inference.terms import StepTerms
 from vkd_pyro.training import distributed
-from vkd_pyro.training.build import build_module, check_families, check_objective
+from vkd_pyro.training.build import build_module, check_config
 from vkd_pyro.training.checkpoint import load_checkpoint, load_resume_state, save_atomic
+from vkd_pyro.training.device import resolve_device
 from vkd_pyro.training.distributed import say
-from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_metrics, teacher_split
+from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_split
 from vkd_pyro.training.finetune import init_from_run
 from vkd_pyro.training.logger import TrainingLogger
 from vkd_pyro.training.provenance import as_comment, provenance
 from vkd_pyro.training.resume import (
-    HISTORY_COLUMNS,
     RANK_SEED_STRIDE,
     LoopState,
     locate,
@@ -62,15 +62,6 @@ from vkd_pyro.training.resume import (
 from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
 from vkd_pyro.training.teacher import check_teacher, soft_targets
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when a GPU is visible, else cpu; `cuda` without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but no GPU is visible (use device=auto or device=cpu)")
-    return torch.device(name)
 
 
 def train_loader(split: PairedSplit, config: Config, epoch: int, start: int = 0,
@@ -108,7 +99,7 @@ def adam(module: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch
 
 
 class TrainStep:
-    """One SVI step on this process's share of a global batch; returns (terms (4,) of the global
+    """One SVI step on this process's share of a global batch; returns (terms (len(terms),) of the global
     batch, gradient norm), both on the device: nothing is read back to the host.
 
     The share's mean loss is scaled by share/global size x processes, so that DDP's average of the
@@ -142,17 +133,10 @@ class TrainStep:
         return terms, norm
 
 
-class StepTerms:
-    """A step's terms for TrainingLogger.step: 0-d device tensors, read only when something logs them."""
-
-    def __init__(self, terms: torch.Tensor, beta: float):
-        self.loss, self.image_nll, self.text_nll, self.kl = terms.unbind(0)
-        self.beta = beta
-
-
 def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: bool = False,
-        overwrite: bool = False) -> dict:
-    """Train as `config` says, write the run folder, and return the test metrics.
+        overwrite: bool = False, trust_code: bool = False) -> dict:
+    """Train as `config` says, write the run folder, and return the test metrics (`trust_code`: a
+    kd teacher run whose config names code by an import path may be loaded).
 
     The folder belongs to this run (vkd_pyro.training.run_folder): its lock is held while training
     writes it, run.json records the run id and how the run ended, and the id is written into
@@ -170,10 +154,9 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
-    check_families(config)  # before any data is read
-    check_objective(config)
-    if config.inference.objective == "kd":
-        check_teacher(config)  # its folder and data, before this run's folder is claimed
+    objective = check_config(config)  # before any data is read
+    if objective.distils:
+        check_teacher(config, trust_code)  # its folder and data, before this run's folder is claimed
     check_writable(config.resolved_cache_dir(), "cache_dir")
     out_dir = Path(out_dir)
     ctx, device = distributed.init_from_env(resolve_device(config.device))
@@ -192,7 +175,7 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
             # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
             stack.enter_context(pyro.validation_enabled(False))
             stack.enter_context(_run_log(out_dir, ctx))
-            trainer = Trainer(config, out_dir, ctx, device, progress, resume)
+            trainer = Trainer(config, out_dir, ctx, device, progress, resume, objective, trust_code)
             warn_undefined_auc(trainer.data.splits["validation"], config)
             result = trainer.fit()
             if ctx.is_main:
@@ -223,9 +206,13 @@ class Trainer:
     """
 
     def __init__(self, config: Config, out_dir: Path, ctx: distributed.DistContext, device: torch.device,
-                 progress: Optional[bool] = None, resume: bool = False):
+                 progress: Optional[bool] = None, resume: bool = False, objective=None, trust_code: bool = False):
         self.started = time.perf_counter()
         self.config, self.out_dir, self.ctx, self.device = config, out_dir, ctx, device
+        self.objective = objective or check_config(config)
+        self.trust_code = trust_code  # a kd teacher that names code by an import path may run it
+        self.terms = self.objective.terms
+        self.term_names = tuple(t.name for t in self.terms)
         self.state = load_resume_state(out_dir) if resume else None
         self.paths = {"history": out_dir / "history.csv", "last": out_dir / "last.pt",
                       "best": out_dir / "checkpoint.pt"}
@@ -242,7 +229,7 @@ class Trainer:
         self.schedule = KLSchedule(config.inference.annealing, self.T, config.inference.guide_warmup_epochs)
         if self.schedule.warning():
             say(self.schedule.warning())
-        self.loop, self.epoch_sums = LoopState(), torch.zeros(len(TERM_NAMES), device=device)
+        self.loop, self.epoch_sums = LoopState(), torch.zeros(len(self.terms), device=device)
         if self.state is not None:
             self.loop, self.epoch_sums = restore(self.state, self.module, self.optimizer, config, out_dir, device)
         self.net = self._distributed_net()
@@ -251,9 +238,9 @@ class Trainer:
         elif ctx.enabled:  # the same initial weights (DDP copies rank 0's anyway), different draws
             pyro.set_rng_seed(config.seed + RANK_SEED_STRIDE * ctx.rank)
         if ctx.is_main:
-            write_history(self.paths["history"], self.loop.history)
+            write_history(self.paths["history"], self.terms, self.loop.history)
         self.logger = TrainingLogger(out_dir, tr.tensorboard and ctx.is_main, start_step=self.loop.global_step)
-        self.watch = FiniteWatch(device, self.loop.global_step)
+        self.watch = FiniteWatch(device, self.terms, self.loop.global_step)
         self.step = TrainStep(self.net, self.module, self.optimizer, tr.grad_clip, ctx)
         self.saved_at = self.started if self.state is None else time.perf_counter()
         self.stop = SignalFlag()
@@ -265,7 +252,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         pyro.set_rng_seed(config.seed)
         with distributed.main_process_first():  # rank 0 fills the caches, the others read them
-            data = prepare_data(config, device=self.device)
+            data = prepare_data(config, with_reports=self.objective.reads_reports, device=self.device)
         for note in data.notes:
             say(note)
         if len(data.splits["train"]) == 0 or len(data.splits["validation"]) == 0:
@@ -281,17 +268,15 @@ class Trainer:
         module = build_module(config, self.data.dims).to(device)
         if config.init_from and self.state is None:  # fine-tuning: the model.* weights of another run that match
             say(init_from_run(module, config.init_from)["message"])
-        if config.inference.objective == "kd":  # the teacher's tempered probabilities, once (vkd_pyro.training.teacher)
-            module.set_soft_targets(soft_targets(config, self.data, device))
+        if self.objective.distils:  # the teacher's tempered probabilities, once (vkd_pyro.training.teacher)
+            module.set_soft_targets(soft_targets(config, self.data, device, self.trust_code))
             say(f"kd: soft targets of teacher {config.inference.kd.teacher} for {len(self.data.splits['train'])} "
                 f"training records (T = {config.inference.kd.temperature}, alpha = {config.inference.kd.alpha})")
         if config.train.sync_batchnorm and ctx.enabled:
             if device.type != "cuda":
                 raise UserError("train.sync_batchnorm: synchronised batch norm needs GPUs (device=cuda)")
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        inf = config.inference
-        say(f"objective {inf.objective} ({inf.elbo} ELBO), L={inf.num_particles} guide particles, "
-            f"M={inf.prior_samples} prior samples, S={inf.test_samples} test samples; "
+        say(f"{self.objective.describe()}; "
             f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable parameters on {device}"
             + (f" x {ctx.world_size} processes ({ctx.backend})" if ctx.enabled else ""))
         return module
@@ -300,10 +285,8 @@ class Trainer:
         if not self.ctx.enabled:
             return self.module
         device = self.device
-        # `no_mi` at beta = 0 leaves the guide out of the loss: DDP must look for unused parameters.
         return DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=self.config.inference.objective == "no_mi"
-                                       or self.config.inference.kl_gradient == "prior")
+                                       find_unused_parameters=self.objective.find_unused_parameters)
 
     # ------------------------------------------------------------------ the loop
 
@@ -331,7 +314,7 @@ class Trainer:
             self.epoch_sums += terms
             loop.beta_sum += beta
             self.watch.observe(terms, grad_norm)
-            self.logger.step(StepTerms(terms, beta))
+            self.logger.step(StepTerms(dict(zip(self.term_names, terms.unbind(0))), beta))
             self.bar.update(1)
             if tr.stop_after_steps == loop.global_step:
                 self.stop.request(signal.SIGTERM)
@@ -348,16 +331,16 @@ class Trainer:
         """Validation, history, the best checkpoint, early stopping (the paper's relative tolerance), last.pt."""
         loop, tr, config = self.loop, self.config.train, self.config
         started = time.perf_counter()
-        means = dict(zip(TERM_NAMES, (self.epoch_sums / max(loop.step_in_epoch, 1)).tolist()))
-        means["beta"] = loop.beta_sum / max(loop.step_in_epoch, 1)
+        means = dict(zip(self.term_names, (self.epoch_sums / max(loop.step_in_epoch, 1)).tolist()))
+        beta = loop.beta_sum / max(loop.step_in_epoch, 1)
         val_split = self.data.splits["validation"]
         val_auc = self._validation_auc(val_split)
         seconds = seconds_training + time.perf_counter() - started
-        loop.history.append([str(loop.epoch)] + [f"{means[k]:.6g}" for k in HISTORY_COLUMNS[1:6]]
+        loop.history.append([str(loop.epoch), f"{beta:.6g}"] + [f"{means[k]:.6g}" for k in self.term_names]
                             + [f"{val_auc:.6g}", f"{seconds:.2f}"])
         if self.ctx.is_main:
-            write_history(self.paths["history"], loop.history)
-        self.logger.epoch(loop.epoch, {**means, "val_macro_auc": val_auc, "seconds": seconds})
+            write_history(self.paths["history"], self.terms, loop.history)
+        self.logger.epoch(loop.epoch, {**means, "beta": beta, "val_macro_auc": val_auc, "seconds": seconds})
         mark = ""
         if val_auc > loop.best_auc or loop.best_epoch == 0:
             loop.best_auc, loop.best_epoch, mark = val_auc, loop.epoch, " *"
@@ -368,9 +351,8 @@ class Trainer:
             loop.reference_auc, loop.wait = val_auc, 0
         elif loop.epoch > config.inference.guide_warmup_epochs:  # warm-up epochs do not count towards patience
             loop.wait += 1
-        say(f"epoch {loop.epoch:3d}  loss {means['loss']:.4f}  image NLL {means['image_nll']:.4f}  "
-            f"text NLL {means['text_nll']:.4f}  KL {means['kl']:.3f}  beta {means['beta']:.2f}  "
-            f"val macro AUC {val_auc:.4f}  {seconds:.1f}s{mark}")
+        shown = "  ".join(f"{t.label} {means[t.name]:.4f}" for t in self.objective.reported_terms)
+        say(f"epoch {loop.epoch:3d}  {shown}  beta {beta:.2f}  val macro AUC {val_auc:.4f}  {seconds:.1f}s{mark}")
         if loop.wait >= tr.patience:
             say(f"early stop: no validation gain above {tr.tolerance:.0%} for {loop.wait} epochs; "
                 f"best epoch {loop.best_epoch}")
@@ -382,25 +364,17 @@ class Trainer:
         self._check(None)  # a signal during validation: last.pt is written, stop here
 
     def _test(self) -> dict:
-        """The test report (`evaluate.report`); with a teacher q(y|z_T) (a guide and an MI head), its
-        block `teacher` too, from the test reports; for text_only those are the main numbers."""
+        """The test report (`evaluate.report`, its Monte Carlo draws seeded by the run's seed, so that
+        `vkd-pyro evaluate` and `Run.evaluate` give the same figures): from images, and with a teacher
+        q(y|z_T) its block `teacher` too, from the test reports (for an objective without an image
+        side, those are the main numbers)."""
         distributed.barrier()  # checkpoint.pt is written
         self.module.load_state_dict(load_checkpoint(self.paths["best"])["module"])
-        test = self.data.splits["test"]
-        inf = self.config.inference
         extra = {"best_epoch": self.loop.best_epoch, "val_macro_auc": self.loop.best_auc,
                  "train_seconds": self.loop.seconds + (time.perf_counter() - self.saved_at),
                  "skipped": self.data.dataset.skipped, **self.logger.close(), "provenance": self.provenance}
-        if inf.objective != "text_only":  # first: the image predictions draw what they drew before the teacher
-            probs, labels = self._predictions(test)
-        if self.module.has_teacher:
-            teacher_probs, nll, teacher_labels = self._teacher(test)
-            extra["teacher"] = teacher_metrics(teacher_probs, nll, teacher_labels, split_label_mask(test), self.config,
-                                               inf.test_samples)
-        if inf.objective == "text_only":
-            probs, labels = teacher_probs, teacher_labels
-        result = report(self.module, self.data, self.config, self.out_dir, "test", inf.test_samples, self.device,
-                        extra, predictions=(probs, labels))
+        result = report(self.objective, self.data, self.out_dir, "test", self.config.inference.test_samples,
+                        self._predictions, self._teacher, self.device, extra)
         distributed.barrier()  # no process leaves while rank 0 writes
         return result
 
@@ -428,9 +402,8 @@ class Trainer:
                 + (f" and {paths['best']} the best weights" if loop.best_epoch else "")
                 + " (lower train.lr or set train.grad_clip)")
         if terms is not None and self.show:
-            values = terms.tolist()
-            self.bar.set_postfix(loss=f"{values[0]:.3f}", img=f"{values[1]:.3f}", txt=f"{values[2]:.3f}",
-                                 kl=f"{values[3]:.2f}")
+            values = dict(zip(self.term_names, terms.tolist()))
+            self.bar.set_postfix({t.short: f"{values[t.name]:.3f}" for t in self.objective.reported_terms})
         signum = agreed_signal(self.stop, self.device, self.ctx)
         if signum is not None:
             if self.bar is not None:
@@ -445,7 +418,7 @@ class Trainer:
 
     def _validation_auc(self, split) -> float:
         """The validation macro AUC: from images (Algorithm 2), or for text_only the teacher's on the reports."""
-        if self.config.inference.objective == "text_only":
+        if self.objective.predicts_from == "reports":
             probs, _, labels = self._teacher(split)
         else:
             probs, labels = self._predictions(split)

@@ -12,7 +12,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyro
 import torch
@@ -21,12 +21,12 @@ from vkd_pyro.config import Config, load_config, parse_override
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path
 from vkd_pyro.inference.module import VKDModule
+from vkd_pyro.inference.terms import Term
+from vkd_pyro.objectives.resolve import check_trusted
 from vkd_pyro.training import distributed
 from vkd_pyro.training.checkpoint import RESUME_FORMAT, capture_rng_state, restore_rng_state, save_atomic
 from vkd_pyro.training.distributed import say
-from vkd_pyro.training.families import check_trusted
 
-HISTORY_COLUMNS = ["epoch", "beta", "loss", "image_nll", "text_nll", "kl", "val_macro_auc", "seconds"]
 RANK_SEED_STRIDE = 7919  # seeds of the processes > 0: seed + stride * rank
 
 
@@ -59,8 +59,9 @@ RESUME_OVERRIDABLE = ("device", "cache_dir", "data.num_workers", "train.max_epoc
 def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
     """The config of the run in `run_dir` (its config.yaml) with `overrides` of RESUME_OVERRIDABLE keys.
 
-    `train.stop_after_steps` (a debug interruption) is not carried over unless given again. A prior or
-    guide named by an import path is refused unless `trust_code` (vkd_pyro.training.families.check_trusted).
+    `train.stop_after_steps` (a debug interruption) is not carried over unless given again. A prior,
+    guide or objective named by an import path is refused unless `trust_code`
+    (vkd_pyro.objectives.resolve.check_trusted).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -73,7 +74,7 @@ def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
                             f"batch order); resumable keys: {', '.join(RESUME_OVERRIDABLE)}")
         given.add(key)
     config = load_config(run_dir / "config.yaml", overrides)
-    check_trusted(config.model, str(run_dir / "config.yaml"), trust_code)
+    check_trusted(config, str(run_dir / "config.yaml"), trust_code)
     if "train.stop_after_steps" not in given:
         config.train.stop_after_steps = None
     return config
@@ -88,11 +89,17 @@ def locate(global_step: int, loop: LoopState, T: int) -> tuple[int, int]:
     return epoch, in_epoch
 
 
-def write_history(path: Path, rows: list) -> None:
+def history_columns(terms: Sequence[Term]) -> list[str]:
+    """history.csv's columns: the epoch, its mean beta, the objective's terms (epoch means, in the
+    objective's order), the validation macro AUC and the epoch's seconds."""
+    return ["epoch", "beta", *(t.name for t in terms), "val_macro_auc", "seconds"]
+
+
+def write_history(path: Path, terms: Sequence[Term], rows: list) -> None:
     """history.csv from its rows, written atomically (a resumed run rewrites it from last.pt)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(HISTORY_COLUMNS)
+        writer.writerow(history_columns(terms))
         writer.writerows(rows)
 
 

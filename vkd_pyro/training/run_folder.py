@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -69,7 +70,8 @@ def config_hash(config: Config, length: int = 8) -> str:
 
 def default_run_folder(config_path: os.PathLike, config: Config) -> Path:
     """runs/<config name>-<objective>-seed<seed>-<config_hash>: two configs, two folders."""
-    name = f"{Path(config_path).stem}-{config.inference.objective}-seed{config.seed}-{config_hash(config)}"
+    objective = re.sub(r"[^A-Za-z0-9._+-]+", "_", config.inference.objective)  # an import path has a colon
+    name = f"{Path(config_path).stem}-{objective}-seed{config.seed}-{config_hash(config)}"
     return Path("runs") / name
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from vkd_pyro.inference.elbo import TERM_NAMES
+from vkd_pyro.inference.terms import Term
 from vkd_pyro.training import distributed
 
 
@@ -53,12 +53,11 @@ class FiniteWatch:
     """Remembers, on the device (no host read per step), the first step at which a loss term or
     the gradient norm was NaN or infinite, and which of them; `read()` brings it to the host."""
 
-    NAMES = TERM_NAMES + ("gradient norm",)
-
-    def __init__(self, device: torch.device, global_step: int = 0):
+    def __init__(self, device: torch.device, terms: Sequence[Term], global_step: int = 0):
+        self.names = [t.name for t in terms] + ["gradient norm"]
         self.step = torch.full((), int(global_step), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad = torch.zeros(len(self.NAMES), dtype=torch.bool, device=device)
+        self.bad = torch.zeros(len(self.names), dtype=torch.bool, device=device)
 
     def observe(self, terms: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.step += 1
@@ -72,7 +71,7 @@ class FiniteWatch:
         values = torch.cat([self.first_bad.reshape(1), self.bad.long()]).tolist()
         if values[0] < 0:
             return None
-        return values[0], [name for name, bad in zip(self.NAMES, values[1:]) if bad]
+        return values[0], [name for name, bad in zip(self.names, values[1:]) if bad]
 
 
 def agreed_signal(stop: SignalFlag, device: torch.device, ctx: distributed.DistContext) -> Optional[int]:

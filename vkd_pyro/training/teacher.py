@@ -1,7 +1,7 @@
 """Objective `kd`: the text teacher's probabilities for the training split, computed once.
 
 The teacher is a finished `text_only` run folder (`inference.kd.teacher`: its config.yaml and
-checkpoint.pt). The path may name the run's own values in braces, `{seed}` and `{data.<key>}`
+checkpoint.pt), loaded as `load_run` loads a run (identity and --trust-code checks). The path may name the run's own values in braces, `{seed}` and `{data.<key>}`
 (e.g. `teachers/runs/data.train_fraction={data.train_fraction}-seed{seed}`), so that one sweep
 distils each seed and training fraction from its own teacher. The teacher must have read the same
 records with the same report encoder: its `data` section (but for the keys that only change the
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from vkd_pyro.classes import NUM_CLASSES
-from vkd_pyro.config import Config, load_config
-from vkd_pyro.errors import ConfigError, UserError
+from vkd_pyro.config import Config
+from vkd_pyro.errors import ConfigError
 from vkd_pyro.models import tempered
-from vkd_pyro.training.build import build_module
-from vkd_pyro.training.checkpoint import load_checkpoint
+from vkd_pyro.objectives import objective_for
 from vkd_pyro.training.evaluate import teacher_split
+from vkd_pyro.training.load import load_trained, read_run_config
 
 KEY = "inference.kd.teacher"
 SHARED_SECTIONS = ("data", "text_encoder")  # what the teacher must share with the student
@@ -43,20 +43,22 @@ def teacher_folder(config: Config) -> Path:
                           "{seed} or {data.<key>}") from None
 
 
-def check_teacher(config: Config) -> tuple[Path, Config]:
+def check_teacher(config: Config, trust_code: bool = False) -> tuple[Path, Config]:
     """(the teacher's folder, its config) for `config` (objective kd), before any data is read;
-    ConfigError naming inference.kd.teacher for a folder that is not a finished text_only run of the
-    same data."""
+    ConfigError naming inference.kd.teacher for a folder that is not a finished run of the same
+    data whose objective predicts from the reports (`text_only`), or whose config names code by an
+    import path when `trust_code` is False (the same rule as `load_run`)."""
     folder = teacher_folder(config)
     if not (folder / "config.yaml").is_file() or not (folder / "checkpoint.pt").is_file():
         raise ConfigError(f"{KEY}: {folder} is not a finished run folder (it needs config.yaml and checkpoint.pt)")
     try:
-        teacher_config = load_config(folder / "config.yaml")
+        teacher_config = read_run_config(folder, trust_code)
+        teacher_objective = objective_for(teacher_config)
     except ConfigError as exc:
         raise ConfigError(f"{KEY}: {exc}") from None
-    if teacher_config.inference.objective != "text_only":
+    if teacher_objective.predicts_from != "reports":
         raise ConfigError(f"{KEY}: {folder} was trained with objective {teacher_config.inference.objective}, "
-                          "not text_only")
+                          "not text_only (a teacher predicts from the reports)")
     ours, theirs = config.to_dict(), teacher_config.to_dict()
     for section in SHARED_SECTIONS:
         differ = sorted(k for k in ours[section] if ours[section][k] != theirs[section].get(k)
@@ -67,22 +69,19 @@ def check_teacher(config: Config) -> tuple[Path, Config]:
     return folder, teacher_config
 
 
-def load_teacher(config: Config, device) -> torch.nn.Module:
-    """The teacher module of `config` (objective kd) on `device`, in eval mode (`check_teacher` first)."""
-    folder, teacher_config = check_teacher(config)
-    checkpoint = load_checkpoint(folder / "checkpoint.pt")
-    module = build_module(teacher_config, checkpoint.get("text_dims"))
-    try:
-        module.load_state_dict(checkpoint["module"])
-    except (KeyError, RuntimeError) as exc:
-        raise UserError(f"{folder / 'checkpoint.pt'}: does not match its config.yaml ({str(exc).splitlines()[0]})") from None
-    return module.to(device).eval()
+def load_teacher(config: Config, device, trust_code: bool = False) -> torch.nn.Module:
+    """The teacher module of `config` (objective kd) on `device`, in eval mode: `check_teacher`, then
+    the run folder loaded as `load_run` loads it (`vkd_pyro.training.load.load_trained`: the weights
+    must be the run's own)."""
+    folder, _ = check_teacher(config, trust_code)
+    _, module, _ = load_trained(folder, str(torch.device(device).type), trust_code)
+    return module.to(device)
 
 
-def soft_targets(config: Config, data, device) -> torch.Tensor:
+def soft_targets(config: Config, data, device, trust_code: bool = False) -> torch.Tensor:
     """(N, C) float32 on `device`: row i = the tempered teacher probabilities of dataset record i for
     the training split's records, NaN elsewhere (never read: training batches hold training records)."""
-    teacher = load_teacher(config, device)
+    teacher = load_teacher(config, device, trust_code)
     train = data.splits["train"]
     table = torch.full((len(data.dataset), NUM_CLASSES), float("nan"))
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):

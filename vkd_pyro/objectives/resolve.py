@@ -1,4 +1,4 @@
-"""Config names -> prior and guide families: resolution, option checks, construction, KL pairing.
+"""Config names -> classes: prior and guide families and objectives; option checks, construction, KL pairing.
 
 The interface a family meets is `vkd_pyro.models.families.ConditionalFamily`. A config names a family
 by a registered name (`model.prior: diagonal`, `model.guide: flow`; the registries are
@@ -9,8 +9,11 @@ options in `model.prior_options` / `model.guide_options` (over the registry's de
 
 The KL term of Eq. 8 is analytic where `kl_divergence(q, p)` is registered (Pyro's, torch's and
 `vkd_pyro.models.distributions`' pairs) and the Monte Carlo log q(z) - log p(z) at the guide's z
-otherwise. A config read from a run folder (evaluate, predict, train --resume) imports a family by
-its path only when the user trusts that run's code (:func:`check_trusted`, `--trust-code`).
+otherwise. An objective is named the same way (`inference.objective: vkd`, or
+`inference.objective: my_objectives:ReversedKL`; the registry is `vkd_pyro.objectives.OBJECTIVES`),
+resolved by :func:`resolve_objective`. A config read from a run folder (evaluate, predict, train
+--resume, a kd teacher) imports a family or an objective by its path only when the user trusts that
+run's code (:func:`check_trusted`, `--trust-code`).
 The meanfield estimator promises an analytic KL, so it refuses a pairing without one
 (:func:`require_analytic_kl`) rather than fall back silently on Monte Carlo.
 """
@@ -45,6 +48,24 @@ def _import(module_name: str):
     return importlib.import_module(module_name)
 
 
+def import_object(spec: str, key: str) -> object:
+    """The object an import path `package.module:Name` names; ConfigError naming `key`, one line,
+    for a malformed or unimportable path or a missing name."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name.isidentifier():
+        raise ConfigError(f"{key}: {spec!r} is not an import path package.module:Name")
+    try:
+        module = _import(module_name)
+    except Exception as exc:  # anything the import raises: missing module, syntax error, ...
+        reason = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"{key}: cannot import {module_name!r} for {spec!r} "
+                          f"({type(exc).__name__}: {reason})") from None
+    found = getattr(module, name, None)
+    if found is None:
+        raise ConfigError(f"{key}: module {module_name!r} has no {name!r} (from {spec!r})")
+    return found
+
+
 def resolve(kind: str, spec: str, key: Optional[str] = None) -> tuple[type, dict]:
     """(family class, default options) that `spec` (a registered name or `package.module:Name`) names.
 
@@ -60,36 +81,30 @@ def resolve(kind: str, spec: str, key: Optional[str] = None) -> tuple[type, dict
                               "or an import path package.module:Name)")
         family, defaults = registry[spec]
         return family, dict(defaults)
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name.isidentifier():
-        raise ConfigError(f"{key}: {spec!r} is not an import path package.module:Name")
-    try:
-        module = _import(module_name)
-    except Exception as exc:  # anything the import raises: missing module, syntax error, ...
-        reason = (str(exc).splitlines() or [""])[0]
-        raise ConfigError(f"{key}: cannot import {module_name!r} for {spec!r} "
-                          f"({type(exc).__name__}: {reason})") from None
-    family = getattr(module, name, None)
-    if family is None:
-        raise ConfigError(f"{key}: module {module_name!r} has no {name!r} (from {spec!r})")
+    family = import_object(spec, key)
     if not (inspect.isclass(family) and issubclass(family, nn.Module)):
         raise ConfigError(f"{key}: {spec!r} is not an nn.Module class")
     return family, {}
 
 
-def check_trusted(model, source: str, trust_code: bool) -> None:
-    """ConfigError (one line, naming `source`, the key and the module) when `model` (a config's
-    `model` section, read from a run folder's config.yaml at `source`) names a prior or guide by an
-    import path and `trust_code` is False: importing it would run that module's code. The registered
-    families (names without a colon) are always used."""
+#: The config keys that may name code by an import path.
+CODE_KEYS = ("model.prior", "model.guide", "inference.objective")
+
+
+def check_trusted(config, source: str, trust_code: bool) -> None:
+    """ConfigError (one line, naming `source`, the key and the module) when `config` (read from a
+    run folder's config.yaml at `source`) names a prior, a guide or an objective by an import path
+    and `trust_code` is False: importing it would run that module's code. The registered names
+    (without a colon) are always used."""
     if trust_code:
         return
-    for kind in ("prior", "guide"):
-        spec = getattr(model, kind)
+    for key in CODE_KEYS:
+        section, name = key.split(".")
+        spec = getattr(getattr(config, section), name)
         if ":" in spec:
-            raise ConfigError(f"{source}: model.{kind}: {spec!r} would import module {spec.partition(':')[0]!r}, "
-                              f"which is not a registered {kind} ({', '.join(REGISTRIES[kind])}); pass "
-                              "--trust-code if you trust the code that run names")
+            raise ConfigError(f"{source}: {key}: {spec!r} would import module {spec.partition(':')[0]!r}, "
+                              f"which is not a registered {name}; pass --trust-code if you trust the code "
+                              "that run names")
 
 
 def option_names(family: type) -> Optional[list[str]]:
@@ -129,21 +144,22 @@ def build_family(kind: str, spec: str, in_features: int, z_dim: int, hidden: Seq
 
 
 @torch.no_grad()
+def probe(net: nn.Module, width: int) -> Distribution:
+    """What a family gives: `net` called once, in eval mode, on a batch of two zero feature vectors
+    of width `width` (on its parameters' device)."""
+    reference = next(iter(net.parameters()), None)
+    x = torch.zeros(2, width, device=None if reference is None else reference.device)
+    was_training = net.training
+    net.eval()
+    try:
+        return net(x)
+    finally:
+        net.train(was_training)
+
+
 def kl_pairing(posterior_net: nn.Module, prior_net: nn.Module, text_features: int, image_features: int) -> dict:
-    """What the KL(q || p) of this pairing is: {"analytic": bool, "guide_rsample": bool, "q": name, "p": name}.
-
-    Calls both networks once, in eval mode, on a batch of two zero feature vectors.
-    """
-    def probe(net: nn.Module, width: int) -> Distribution:
-        reference = next(iter(net.parameters()), None)
-        x = torch.zeros(2, width, device=None if reference is None else reference.device)
-        was_training = net.training
-        net.eval()
-        try:
-            return net(x)
-        finally:
-            net.train(was_training)
-
+    """What the KL(q || p) of this pairing is: {"analytic": bool, "guide_rsample": bool, "q": name, "p": name},
+    from one :func:`probe` of each network."""
     q, p = probe(posterior_net, text_features), probe(prior_net, image_features)
     try:
         kl_divergence(q, p)
