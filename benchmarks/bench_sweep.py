@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from tests.tiny_runs import tiny_overrides  # noqa: E402
+from vkd_pyro.analysis.grid import parse_grid  # noqa: E402
 from vkd_pyro.analysis.launch import LocalLauncher, available_cores  # noqa: E402
-from vkd_pyro.analysis.sweep import parse_grid, run_sweep  # noqa: E402
+from vkd_pyro.analysis.sweep import run_sweep  # noqa: E402
 from vkd_pyro.config import load_config  # noqa: E402
 from vkd_pyro.data.prepare import prepare_data  # noqa: E402
 

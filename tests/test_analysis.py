@@ -10,7 +10,7 @@ from PIL import Image
 
 import vkd_pyro.analysis.sweep
 from tests.tiny_runs import tiny_overrides
-from vkd_pyro.analysis.sweep import parse_grid, run_name, split_values
+from vkd_pyro.analysis.grid import parse_grid, run_name, split_values
 from vkd_pyro.cli import main
 
 TINY = tiny_overrides()

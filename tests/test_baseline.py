@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from vkd_pyro.analysis.ablate import format_table, table_axis
 from vkd_pyro.analysis.compare import pooled_bootstrap
-from vkd_pyro.analysis.sweep import Axis, PlannedRun, baseline_differences, parse_baseline, run_name, write_outputs
+from vkd_pyro.analysis.grid import Axis, PlannedRun, parse_baseline, run_name
+from vkd_pyro.analysis.sweep_tables import baseline_differences, write_outputs
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.config import config_from_dict, save_config
 from vkd_pyro.errors import UserError

@@ -41,6 +41,16 @@ def test_svi_and_particle_benchmarks_print_their_tables(monkeypatch, capsys):
               "--particles", "1", "--threads", "1", "--unfused")
     row = out.strip().splitlines()[-1].split()
     assert "ratio unfused" in out and len(row) == 9 and all(float(x) > 0 for x in row[1:])
+    out = run(monkeypatch, capsys, bench_svi, "--rounds", "1", "--per-round", "1", "--warmup", "0",
+              "--particles", "2", "--threads", "1", "--bare")
+    row = out.strip().splitlines()[-1].split()
+    assert "bare/PyTorch" in out and row[0] == "2" and len(row) == 9 and all(float(x) > 0 for x in row[1:])
+    out = run(monkeypatch, capsys, bench_svi, "--rounds", "1", "--per-round", "1", "--warmup", "0",
+              "--threads", "1", "--whole-step", "--bare")
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("whole demo step (L = M = 1)")
+    values = line.split(")", 1)[1].split()
+    assert len(values) == 6 and all(float(x) > 0 for x in values)
     out = run(monkeypatch, capsys, bench_particles, "--rounds", "1", "--per-round", "1", "--warmup", "0",
               "--particles", "1", "2", "--threads", "1")
     rows = [line.split() for line in out.strip().splitlines()[-2:]]

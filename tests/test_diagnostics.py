@@ -208,7 +208,7 @@ def test_grad_cam_on_the_last_conv_block(name):
 
 
 def test_cls_attention_is_a_distribution_over_tokens():
-    from vkd_pyro.encoders.text import TextHead
+    from vkd_pyro.encoders.text_head import TextHead
 
     head = TextHead(32, 2, 64, dropout=0.0, input_size=20).eval()
     weights = cls_attention(head, torch.randn(7, 20))

@@ -10,10 +10,10 @@ from vkd_pyro.encoders import text as text_mod
 from vkd_pyro.encoders.text import (
     PACKAGED_TEXT_ENCODER,
     FrozenTextEncoder,
-    TextHead,
     pad_token_states,
     resolve_text_model,
 )
+from vkd_pyro.encoders.text_head import TextHead
 from vkd_pyro.errors import UserError
 
 REPORTS = [

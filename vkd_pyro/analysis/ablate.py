@@ -17,14 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vkd_pyro.analysis.sweep import (
-    Axis,
+from vkd_pyro.analysis.grid import Axis
+from vkd_pyro.analysis.sweep import run_sweep
+from vkd_pyro.analysis.sweep_tables import (
     aggregate,
     baseline_differences,
     baseline_note,
     format_difference,
     format_mean_std,
-    run_sweep,
 )
 from vkd_pyro.config import load_config, split_assignment
 from vkd_pyro.errors import UserError
@@ -76,7 +76,7 @@ def format_table(table: int, rows: Sequence[dict], axis: Axis, dataset: str, see
                  differences: Optional[dict] = None) -> str:
     """Markdown in the paper's layout: a row per configuration, our column, then the paper's columns.
     Table 2 has a column of each row's macro-AUC difference to image_only (`differences` from
-    `vkd_pyro.analysis.sweep.baseline_differences`; "–" where there is none)."""
+    `vkd_pyro.analysis.sweep_tables.baseline_differences`; "–" where there is none)."""
     spec = TABLES[table]
     base = spec.get("baseline")
     groups = dict((a[axis.key], members) for a, members in aggregate(rows, [axis]))

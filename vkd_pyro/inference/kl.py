@@ -12,7 +12,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
-from pyro.distributions import Independent, Normal
+from pyro.distributions import Independent
 from pyro.distributions.kl import kl_divergence
 from torch.distributions import Distribution
 from torch.distributions import Normal as TorchNormal
@@ -27,15 +27,16 @@ def kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor:
     """The sum over the site's batch of KL(q || p), unscaled: analytic where registered, else
     log q(z) - log p(z) at the guide's draw.
 
-    With L vectorised particles Pyro broadcasts both distributions to batch shape (L, B): for two
-    diagonal Normals whose parameters are such broadcast views (stride 0), the analytic KL is
-    computed once on the shared (B, D) parameters and counted L times, instead of L times over.
+    Two diagonal Normals (the paper's pair) take the closed form of :func:`diagonal_normal_kl`
+    directly on their parameters; with L vectorised particles Pyro broadcasts both to batch shape
+    (L, B), and where their parameters are such broadcast views (stride 0) the KL is computed once
+    on the shared (B, D) parameters and counted L times, instead of L times over.
     """
     q, p = guide_site["fn"], model_site["fn"]
-    shared = _shared_normals(q, p)
-    if shared is not None:
-        q0, p0, copies = shared
-        return kl_divergence(q0, p0).sum() * copies
+    qp, pp = normal_parameters(q), normal_parameters(p)
+    if qp is not None and pp is not None and q.batch_shape == p.batch_shape:
+        tensors, copies = _unbroadcast([*qp, *pp], len(q.batch_shape))
+        return diagonal_normal_kl(*tensors).sum() * copies
     try:
         return kl_divergence(q, p).sum()
     except NotImplementedError:
@@ -55,31 +56,24 @@ def is_diagonal_normal(fn) -> bool:
     return normal_parameters(fn) is not None
 
 
-def _shared_normals(q, p):
-    """(q0, p0, copies): q and p without the leading batch dimensions along which all their
-    parameters are broadcast (stride 0), and how many copies those dimensions hold; None when
-    they are not two diagonal Normals of the same batch shape or nothing is broadcast."""
-    qp, pp = normal_parameters(q), normal_parameters(p)
-    if qp is None or pp is None or q.batch_shape != p.batch_shape:
-        return None
-    tensors = [*qp, *pp]
-    if any(t.shape != q.batch_shape + q.event_shape for t in tensors):
-        return None
+def _unbroadcast(tensors: list, batch_dims: int) -> tuple[list, int]:
+    """`tensors` (broadcast to one shape first) without the leading batch dimensions along which
+    all of them are broadcast (stride 0; the last batch dimension is kept), and how many copies
+    those dimensions held."""
+    tensors = torch.broadcast_tensors(*tensors)
     lead = 0
-    while lead < len(q.batch_shape) - 1 and all(t.stride(lead) == 0 for t in tensors):
+    while lead < batch_dims - 1 and all(t.stride(lead) == 0 for t in tensors):
         lead += 1
-    if lead == 0:
-        return None
     index = (0,) * lead
-    copies = math.prod(q.batch_shape[:lead])
-    return Normal(qp[0][index], qp[1][index]).to_event(1), Normal(pp[0][index], pp[1][index]).to_event(1), copies
+    return [t[index] for t in tensors], math.prod(tensors[0].shape[:lead])
 
 
 def diagonal_normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
     """KL(N(q_loc, q_scale^2) || N(p_loc, p_scale^2)) per dimension (no sum), by its closed form
-    log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2."""
-    return (torch.log(p_scale) - torch.log(q_scale)
-            + (q_scale.square() + (q_loc - p_loc).square()) / (2 * p_scale.square()) - 0.5)
+    log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2, computed as
+    1/2 (r^2 + ((m_q - m_p) / s_p)^2 - 1) - log r with r = s_q / s_p."""
+    ratio = q_scale / p_scale
+    return 0.5 * (ratio.square() + ((q_loc - p_loc) / p_scale).square() - 1) - ratio.log()
 
 
 def free_bits_kl_sum(q, p, free_bits: float = 0.0, prior_only: bool = False) -> torch.Tensor:

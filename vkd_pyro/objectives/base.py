@@ -26,7 +26,7 @@ from torch import nn
 
 from vkd_pyro.config import Config
 from vkd_pyro.encoders.image import build_image_encoder
-from vkd_pyro.encoders.text import TextHead
+from vkd_pyro.encoders.text_head import TextHead
 from vkd_pyro.errors import ConfigError, UserError
 from vkd_pyro.guides import EHRPosterior
 from vkd_pyro.inference.elbo import RecordedELBO

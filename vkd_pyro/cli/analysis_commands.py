@@ -9,8 +9,9 @@ from vkd_pyro.analysis.ablate import ablate
 from vkd_pyro.analysis.compare import compare_targets, format_comparison
 from vkd_pyro.analysis.diagnostics import diagnose, format_diagnostics
 from vkd_pyro.analysis.figures import make_figures
+from vkd_pyro.analysis.grid import parse_grid
 from vkd_pyro.analysis.launch import make_launcher, parse_minutes
-from vkd_pyro.analysis.sweep import parse_grid, run_sweep
+from vkd_pyro.analysis.sweep import run_sweep
 from vkd_pyro.errors import UserError
 
 
