@@ -45,11 +45,11 @@ class EHRPosterior(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
-        kl_weight: float = 1.0,
+        beta: float = 1.0,
     ) -> None:
         posterior = self.posterior(token_states, token_mask)
         with pyro.plate("data", token_states.shape[0]):
-            with kl_weighted(kl_weight):
+            with kl_weighted(beta):
                 pyro.sample("z", posterior)
 
 

@@ -44,14 +44,14 @@ class ReportBottleneck(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
-        kl_weight: float = 1.0,
+        beta: float = 1.0,
     ) -> None:
         """The model; it reads the batch size and the labels only (the report is the guide's)."""
         if token_states is None:
             raise ValueError("objective text_only needs the reports (token states)")
         batch_size = token_states.shape[0]
         with pyro.plate("data", batch_size):
-            with kl_weighted(kl_weight):
+            with kl_weighted(beta):
                 z_text = pyro.sample("z", self.prior(batch_size, token_states))
             if labels is not None:
                 likelihood = dist.Bernoulli(logits=self.text_classifier(z_text))

@@ -92,18 +92,18 @@ class VKDModel(nn.Module):
         token_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
-        kl_weight: float = 1.0,
+        beta: float = 1.0,
         soft_labels: Optional[torch.Tensor] = None,
     ):
         """The model. It reads the image only; the report arguments are the guide's."""
-        return self.program(self.image_encoder(images), labels, label_mask, kl_weight, soft_labels)
+        return self.program(self.image_encoder(images), labels, label_mask, beta, soft_labels)
 
     def program(
         self,
         features: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         label_mask: Optional[torch.Tensor] = None,
-        kl_weight: float = 1.0,
+        beta: float = 1.0,
         soft_labels: Optional[torch.Tensor] = None,
     ) -> None:
         """The probabilistic program on image features x_I (B, F). label_mask (B, C) drops labels;
@@ -115,7 +115,7 @@ class VKDModel(nn.Module):
                 pyro.deterministic("probs", torch.sigmoid(self.class_logits(z, features)), event_dim=1)
                 return
             if self.latent_from_guide:
-                with kl_weighted(kl_weight):
+                with kl_weighted(beta):
                     z_text = pyro.sample("z", prior)  # z_T ~ q(z_T|x_T), replayed from the guide
             # Eq. 8, first term: the mean over M prior draws z_I^(m) of log p(y | x_I, z_I^(m)).
             z_image, score = draw(prior, self.prior_samples)  # score: None when fully reparameterised

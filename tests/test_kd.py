@@ -15,9 +15,9 @@ from vkd_pyro.errors import ConfigError
 from vkd_pyro.guides import NoGuide
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.models import DistilledModel, tempered
+from vkd_pyro.training.distillation import load_teacher, soft_targets, teacher_folder
 from vkd_pyro.training.evaluate import teacher_split
 from vkd_pyro.training.loop import fit
-from vkd_pyro.training.teacher import load_teacher, soft_targets, teacher_folder
 
 
 def test_distillation_loss_is_hard_plus_tempered_soft_bce():

@@ -20,8 +20,8 @@ from vkd_pyro.config import config_from_dict
 from vkd_pyro.errors import ConfigError
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.objectives import OBJECTIVES, objective_for
+from vkd_pyro.training.distillation import check_teacher
 from vkd_pyro.training.loop import fit
-from vkd_pyro.training.teacher import check_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,6 +20,9 @@ Everything here reads a trained :class:`~vkd_pyro.inference.module.VKDModule` in
   grows and is consistent as K -> infinity.
 - :func:`expected_calibration_error`: ECE of the Monte Carlo predictive over all (record, class) pairs,
   with equal-width bins on [0, 1] (10 by default): sum_b n_b / N |mean(y in b) - mean(p in b)|.
+- :func:`samples_curve`: the Monte Carlo error of the predictive against the number S of prior draws:
+  the standard error sd_s(p_s) / sqrt(S) of each probability and the spread of the macro AUC over
+  independent redraws, with the seconds each takes.
 - :func:`diagnose`: all of the above for a run folder, written to ``diagnostics.json``.
 - :class:`TrainingLogger`: what `vkd_pyro.training.loop.fit` calls once a step and once an epoch: the ELBO terms
   to TensorBoard (``<run>/tensorboard/``, when ``train.tensorboard`` is true) and the step rate.
@@ -28,6 +31,7 @@ Everything here reads a trained :class:`~vkd_pyro.inference.module.VKDModule` in
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,17 +40,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from vkd_pyro.analysis.runs import load_run
+from vkd_pyro.classes import CLASSES
 from vkd_pyro.data.batching import collate
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.splits import split_label_mask
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import write_json
 from vkd_pyro.models.vkd import bernoulli_log_lik
-from vkd_pyro.training.evaluate import predict_split, seeded
+from vkd_pyro.training.evaluate import auc_metrics, predict_split, seeded
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
 DEFAULT_BINS = 10
 DEFAULT_IS_SAMPLES = 64
+DEFAULT_CURVE = (1, 4, 16, 64, 256)  # the numbers S of prior draws samples_curve measures
 
 
 # --------------------------------------------------------------------------- helpers
@@ -245,6 +251,73 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return {"ece": float(ece), "bins": bins, "pairs": int(p.size), "table": table}
 
 
+# --------------------------------------------------------------------------- Monte Carlo error against S
+
+
+def samples_curve(module, split, config, device="cpu", samples=DEFAULT_CURVE, redraws: int = 8,
+                  seed: int = 0) -> list[dict]:
+    """The Monte Carlo error of the test predictive (Algorithm 2) against the number S of prior draws:
+    one :func:`samples_row` for each S in `samples`. ValueError for fewer than 2 redraws or an S < 1."""
+    if redraws < 2 or any(S < 1 for S in samples):
+        raise ValueError(f"samples_curve needs >= 2 redraws and S >= 1, got {redraws} and {tuple(samples)}")
+    return [samples_row(module, split, config, device, S, redraws, seed) for S in samples]
+
+
+_samples_curve = samples_curve  # diagnose's parameter of the same name hides the function there
+
+
+def samples_row(module, split, config, device, S: int, redraws: int, seed: int) -> dict:
+    """One row of :func:`samples_curve`: `redraws` independent predictives p_hat = 1/S sum_s p_s of
+    `split` with S prior draws each (:func:`predictive_redraws`), summarised as
+
+    - mc_se_median, mc_se_p90: the median and 90th percentile, over records, classes and redraws, of
+      the Monte Carlo standard error of each probability (:func:`mc_standard_errors`);
+    - macro_auc_mean, macro_auc_sd: the mean and sd (ddof 1) over the redraws of the macro AUC
+      (`auc_metrics`: masked labels left out, the classes of data.eval_classes; None where undefined);
+    - seconds: the mean wall time of one redraw.
+    """
+    means, sds, aucs, seconds = predictive_redraws(module, split, config, device, S, redraws, seed)
+    errors, source = mc_standard_errors(means, sds, S)
+    defined = None not in aucs
+    return {"S": int(S), "redraws": int(redraws), "mc_se_median": float(np.median(errors)),
+            "mc_se_p90": float(np.percentile(errors, 90)), "mc_se_from": source,
+            "macro_auc_mean": float(np.mean(aucs)) if defined else None,
+            "macro_auc_sd": float(np.std(aucs, ddof=1)) if defined else None,
+            "seconds": float(np.mean(seconds))}
+
+
+def predictive_redraws(module, split, config, device, S: int, redraws: int, seed: int) -> tuple:
+    """`redraws` independent runs of `predict_split` with S prior draws (batches of
+    train.eval_batch_size; torch seeded to seed, seed + 1, ...): each run's mean probabilities (N, C),
+    their sd over the S draws (ddof 0, (N, C)), macro AUC and wall seconds, as four lists."""
+    mask, batch_size = split_label_mask(split), config.train.eval_batch_size
+    means, sds, aucs, seconds = [], [], [], []
+    for redraw in range(redraws):
+        start = time.perf_counter()
+        with seeded(seed + redraw, device):
+            probs, sd, labels = predict_split(module, split, S, batch_size, device)
+        seconds.append(time.perf_counter() - start)
+        means.append(probs)
+        sds.append(sd)
+        aucs.append(auc_metrics(labels, probs, CLASSES, mask, config.data.eval_classes)["macro_auc"])
+    return means, sds, aucs, seconds
+
+
+def mc_standard_errors(means: list, sds: list, S: int) -> tuple[np.ndarray, str]:
+    """The Monte Carlo standard error of each predicted probability p_hat = 1/S sum_s p_s, and where
+    it comes from. For S > 1, from the draws of each redraw:
+
+        se = sd_s(p_s) / sqrt(S)   with sd of ddof 1,  = sd0 / sqrt(S - 1)  for predict_split's ddof-0 sd0
+
+    (R, N, C) for R redraws ("draws"). For S = 1 one draw has no spread, so the sd (ddof 1) of p_hat
+    across the R redraws, (N, C) ("redraws"). An sd from few draws is noisy, and its median lies below
+    the true sd (for Gaussian draws by the median of chi_{k}/sqrt(k), k = S - 1: 0.89 at S = 4, 0.98 at
+    S = 16), so that the median s.e. falls as 1/sqrt(S) from S of about 16 on."""
+    if S == 1:
+        return np.std(np.stack(means), axis=0, ddof=1), "redraws"
+    return np.stack(sds) / math.sqrt(S - 1), "draws"
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -289,10 +362,12 @@ def collapse_report(stats: dict, threshold: float = ACTIVE_THRESHOLD) -> dict:
 
 
 def diagnose(run_dir, split: str = "test", is_samples: int = DEFAULT_IS_SAMPLES, bins: int = DEFAULT_BINS,
-             seed: int = 0, trust_code: bool = False) -> dict:
+             seed: int = 0, trust_code: bool = False, samples_curve=DEFAULT_CURVE) -> dict:
     """Write `<run>/diagnostics.json` (diagnostics_<split>.json for other splits) and return it.
     trust_code: import a prior, guide or objective the run's config names by import path (`load_run`).
-    A run whose objective has no image model (text_only) is a one-line UserError."""
+    samples_curve: the numbers S of prior draws of the "samples_curve" rows (:func:`samples_curve`,
+    8 redraws each); empty: none. A run whose objective has no image model (text_only) is a one-line
+    UserError."""
     run = load_run(run_dir, trust_code=trust_code)
     objective = run.objective
     if objective.predicts_from != "images":
@@ -307,6 +382,8 @@ def diagnose(run_dir, split: str = "test", is_samples: int = DEFAULT_IS_SAMPLES,
                             test_elbo=objective.test_elbo))
     stats = latent_statistics(module, part, run.config.train.eval_batch_size, device, with_guide=objective.has_guide)
     result["latent"] = collapse_report(stats)
+    if samples_curve:
+        result["samples_curve"] = _samples_curve(module, part, run.config, device, samples_curve, seed=seed)
     suffix = "" if split == "test" else f"_{split}"
     write_json(Path(run_dir) / f"diagnostics{suffix}.json", result)
     return result
@@ -329,7 +406,23 @@ def format_diagnostics(result: dict) -> str:
     if "kl_total" in lat:
         lines.append(f"  KL(q||p) per record {lat['kl_total']:.4f}, {lat['kl_dims_above_0.01']}/{len(lat['kl_per_dim'])} "
                      f"dimensions with mean KL > 0.01")
+    if result.get("samples_curve"):
+        lines += format_samples_curve(result["samples_curve"])
     return "\n".join(lines)
+
+
+def format_samples_curve(rows: list[dict]) -> list[str]:
+    """The rows of :func:`samples_curve` as a small table: S, the median Monte Carlo standard error of a
+    probability, the macro AUC's mean and sd over the redraws, the seconds of one redraw."""
+    lines = [f"  Monte Carlo error of the predictive against S ({rows[0]['redraws']} redraws each; "
+             "*: s.e. from the spread across redraws)",
+             f"  {'S':>6}  {'MC s.e. median':>14}  {'macro AUC mean ± sd':>19}  {'s / redraw':>10}"]
+    for row in rows:
+        auc = ("-" if row["macro_auc_mean"] is None
+               else f"{row['macro_auc_mean']:.3f} ± {row['macro_auc_sd']:.3f}")
+        mark = "*" if row["mc_se_from"] == "redraws" else " "
+        lines.append(f"  {row['S']:>6}  {row['mc_se_median']:>13.4f}{mark}  {auc:>19}  {row['seconds']:>10.3f}")
+    return lines
 
 
 # --------------------------------------------------------------------------- training logger

@@ -1,4 +1,4 @@
-"""What the analysis commands of `vkd-pyro` do: sweep, ablate, diagnose, compare, figures (their options:
+"""What the analysis commands of `vkd-pyro` do: sweep, ablate, diagnose, compare, figures, gradients (their options:
 vkd_pyro.cli.parser)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from vkd_pyro.analysis.ablate import ablate
 from vkd_pyro.analysis.compare import compare_targets, format_comparison
 from vkd_pyro.analysis.diagnostics import diagnose, format_diagnostics
 from vkd_pyro.analysis.figures import make_figures
+from vkd_pyro.analysis.gradients import Options, run_gradients
 from vkd_pyro.analysis.grid import parse_grid
 from vkd_pyro.analysis.launch import make_launcher, parse_minutes
 from vkd_pyro.analysis.sweep import run_sweep
@@ -52,10 +53,20 @@ def cmd_ablate(args) -> None:
     print("\n" + text)
 
 
+def sample_counts(text: str) -> tuple[int, ...]:
+    """--samples-curve: comma-separated numbers S >= 1 (empty: none); a one-line UserError otherwise."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise UserError(f"--samples-curve: comma-separated numbers of draws >= 1 such as 1,4,16,64,256 "
+                        f"('' skips it), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
 def cmd_diagnose(args) -> None:
     if args.samples < 1 or args.bins < 1:
         raise UserError("--samples and --bins: must be >= 1")
-    result = diagnose(args.run, args.split, args.samples, args.bins, args.seed, trust_code=args.trust_code)
+    result = diagnose(args.run, args.split, args.samples, args.bins, args.seed, trust_code=args.trust_code,
+                      samples_curve=sample_counts(args.samples_curve))
     print(format_diagnostics(result))
     suffix = "" if args.split == "test" else f"_{args.split}"
     print(f"wrote {Path(args.run) / f'diagnostics{suffix}.json'}")
@@ -65,3 +76,13 @@ def cmd_figures(args) -> None:
     if args.samples is not None and args.samples < 1:
         raise UserError(f"--samples: must be >= 1, got {args.samples}")
     make_figures(args.run, args.compare, args.records, args.samples, trust_code=args.trust_code)
+
+
+def cmd_gradients(args) -> None:
+    options = Options(Path(args.out), config=args.config, run=args.run, overrides=args.overrides, grid=args.grid,
+                      at=args.at, checkpoint=args.checkpoint, repeats=args.repeats, batches=args.batches,
+                      beta=args.beta, seed=args.seed, reference_repeats=args.reference_repeats,
+                      reference_samples=args.reference_samples, device=args.device, trust_code=args.trust_code)
+    text, paths = run_gradients(options)
+    print("\n" + text)
+    print(f"wrote {paths[0]}, {', '.join(p.name for p in paths[1:])}")

@@ -29,6 +29,7 @@ HANDLERS = {
     "diagnose": "vkd_pyro.cli.analysis_commands:cmd_diagnose",
     "compare": "vkd_pyro.cli.analysis_commands:cmd_compare",
     "figures": "vkd_pyro.cli.analysis_commands:cmd_figures",
+    "gradients": "vkd_pyro.cli.analysis_commands:cmd_gradients",
     "data": "vkd_pyro.cli.commands:cmd_data_check",
 }
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="PNG file to write")
     render.add_argument("--count", type=int, default=24, help="how many records (default 24)")
     render.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
-    add_analysis_commands(commands)  # sweep, ablate, diagnose, compare, figures
+    add_analysis_commands(commands)  # sweep, ablate, diagnose, compare, figures, gradients
     add_data_commands(commands)  # data check
     for name, choice in commands.choices.items():
         choice.set_defaults(handler=HANDLERS[name])
@@ -119,7 +120,7 @@ def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
 
 
 def add_analysis_commands(commands) -> None:
-    """Add the sweep, ablate, diagnose, compare and figures sub-parsers to `commands` (add_subparsers)."""
+    """Add the sweep, ablate, diagnose, compare, figures and gradients sub-parsers to `commands` (add_subparsers)."""
     sweep = commands.add_parser(
         "sweep", help="train a grid of configurations over seeds and tabulate them",
         description="Train every combination of the --grid values for each seed into DIR/runs/<key=value,...>-seed<k>/ "
@@ -155,6 +156,9 @@ def add_analysis_commands(commands) -> None:
     diagnose.add_argument("--samples", type=int, default=64, help="K, importance samples for log p(y|x) (default 64)")
     diagnose.add_argument("--bins", type=int, default=10, help="equal-width bins of the ECE (default 10)")
     diagnose.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates (default 0)")
+    diagnose.add_argument("--samples-curve", default="1,4,16,64,256", metavar="S1,S2,...",
+                          help="numbers S of prior draws at which to measure the Monte Carlo error of the predictive "
+                          "(s.e. of each probability, macro AUC over 8 redraws, seconds; default 1,4,16,64,256; '' skips it)")
     diagnose.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
     compare = commands.add_parser(
@@ -177,6 +181,39 @@ def add_analysis_commands(commands) -> None:
     figures.add_argument("--records", type=int, default=2, help="records for Fig. 3 (default 2)")
     figures.add_argument("--samples", type=int, default=None, help="S, prior samples (default: the run's)")
     figures.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+
+    gradients = commands.add_parser(
+        "gradients", help="gradient variance, SNR and cost per parameter group across sample counts and estimators",
+        description="For each --grid setting, R gradient estimates of the training loss at the same weights (a "
+        "run's and/or a config's initialisation) over the same K training batches, in eval mode (dropout off, batch "
+        "norm on its running statistics): per parameter group the SNR, directional SNR, total variance, cosine to a "
+        "reference gradient, ms per estimate, peak memory and efficiency 1 / (variance x seconds). Writes "
+        "DIR/gradients.csv, DIR/gradients.md and DIR/gradients.png.")
+    gradients.add_argument("--run", default=None, metavar="DIR", help="a trained run folder (its weights and config)")
+    gradients.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                           help="the run's weights: best (checkpoint.pt, default) or last (last.pt)")
+    gradients.add_argument("--config", default=None, metavar="FILE",
+                           help="YAML config the settings start from (default: the run's config.yaml)")
+    gradients.add_argument("--at", default=None, metavar="init,trained",
+                           help="the weights: init (the config's initialisation at its seed), trained (the run's), "
+                           "or both (default: trained with --run, else init)")
+    gradients.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
+                           help="a config key and its values (repeat for more keys), e.g. "
+                           "inference.num_particles=1,4,16")
+    gradients.add_argument("--repeats", type=int, default=32, metavar="R", help="estimates per setting (default 32)")
+    gradients.add_argument("--batches", type=int, default=4, metavar="K",
+                           help="training batches each estimate averages over (default 4)")
+    gradients.add_argument("--beta", type=float, default=1.0, help="the fixed KL weight (default 1.0)")
+    gradients.add_argument("--seed", type=int, default=0, help="repeat r draws with seed + r (default 0)")
+    gradients.add_argument("--reference-repeats", type=int, default=16, metavar="N",
+                           help="estimates averaged into the reference gradient (default 16)")
+    gradients.add_argument("--reference-samples", type=int, default=64, metavar="N",
+                           help="the reference's least L and M (default 64; the grid's largest when more)")
+    gradients.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="where to compute (default auto: a GPU when one is visible)")
+    gradients.add_argument("--out", required=True, metavar="DIR", help="folder for the three files")
+    gradients.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    gradients.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every setting")
 
 
 def add_data_commands(commands) -> None:

@@ -154,7 +154,9 @@ class InferenceConfig:
     """
 
     objective: str = field(default="vkd", metadata=_check(lambda v: bool(v.strip()), "must name an objective"))
-    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield"))
+    # trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL); stl: Trace_ELBO's
+    # value with the path-derivative gradient (Roeder et al. 2017, vkd_pyro.inference.stl; no flow guide).
+    elbo: str = field(default="trace", metadata=_one_of("trace", "meanfield", "stl"))
     num_particles: int = field(default=1, metadata=_POSITIVE)  # L: guide samples z_T
     prior_samples: int = field(default=1, metadata=_POSITIVE)  # M: prior samples z_I in the training term
     test_samples: int = field(default=16, metadata=_POSITIVE)  # S: prior samples at test time

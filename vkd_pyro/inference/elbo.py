@@ -1,8 +1,9 @@
 """The ELBO estimators, which also record the objective's terms (`vkd_pyro.inference.terms`).
 
-The loss is Pyro's own, through its public API: `Trace_ELBO` (`trace`, Monte Carlo KL) or
+The loss is Pyro's own, through its public API: `Trace_ELBO` (`trace`, Monte Carlo KL),
 `TraceMeanField_ELBO` (`meanfield`, analytic KL; only for pairings that have one, see
-`vkd_pyro.objectives.resolve`), with L particles vectorised, called as
+`vkd_pyro.objectives.resolve`) or Trace_ELBO with the path-derivative gradient (`stl`, Roeder et
+al. 2017: `vkd_pyro.inference.stl`), with L particles vectorised, called as
 `elbo.differentiable_loss(model, guide, ...)`. :class:`RecordedELBO` hands Pyro the model and guide
 each run under an effect handler of its own (:class:`SampleSites`, Pyro's public way to write a
 handler) that keeps their sample sites, and reads the objective's terms off those sites, with no
@@ -17,11 +18,12 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
+from vkd_pyro.inference.stl import PathDerivativeELBO
 from vkd_pyro.inference.terms import StepTerms, Term
 
 
 class RecordedELBO:
-    """A Pyro ELBO (`trace` or `meanfield`, with L = `num_particles`) whose every loss also leaves
+    """A Pyro ELBO (`trace`, `meanfield` or `stl`, with L = `num_particles`) whose every loss also leaves
     the sample sites its terms are read from.
 
     `differentiable_loss(model, guide, *args, **kwargs)` is the estimator's own (its value and its
@@ -30,8 +32,9 @@ class RecordedELBO:
     particle; :meth:`term_vector` reads the objective's terms off them.
     """
 
-    ESTIMATORS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+    ESTIMATORS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "stl": PathDerivativeELBO}
     ANALYTIC_KL = ("meanfield",)  # these need an analytic KL(q || p)
+    PATH_DERIVATIVE = ("stl",)  # these score log q with the guide's parameters detached (no flow guide)
 
     def __init__(self, kind: str, num_particles: int, vectorize_particles: bool = True):
         # one particle: one trace without a particle dimension, which only the plate for it would cost

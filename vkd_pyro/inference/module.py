@@ -47,17 +47,17 @@ class VKDModule(nn.Module):
         """Objective kd: the teacher's tempered probabilities (N, C), row i for dataset index i."""
         self.soft_targets = table.to(next(self.parameters()).device)
 
-    def batch_args(self, batch, kl_weight: float = 1.0) -> tuple[tuple, dict]:
+    def batch_args(self, batch, beta: float = 1.0) -> tuple[tuple, dict]:
         """(args, kwargs) for model and guide from a `vkd_pyro.data.batching.Batch` (images, token_states,
         token_mask, labels, label_mask; with soft targets, the batch's rows of them as soft_labels):
         model and guide share one signature, each reads its part."""
         args = (batch.images, batch.token_states, batch.token_mask)
-        kwargs = {"labels": batch.labels, "label_mask": batch.label_mask, "kl_weight": kl_weight}
+        kwargs = {"labels": batch.labels, "label_mask": batch.label_mask, "beta": beta}
         if self.soft_targets is not None:
             kwargs["soft_labels"] = self.soft_targets[batch.index.to(self.soft_targets.device)]
         return args, kwargs
 
-    def forward(self, batch, kl_weight: float = 1.0, sync_terms: bool = True):
+    def forward(self, batch, beta: float = 1.0, sync_terms: bool = True):
         """The differentiable loss, minus the objective averaged over the batch, and its terms.
 
         With sync_terms=False the terms are a detached (len(terms),) tensor on the device, in the
@@ -65,13 +65,13 @@ class VKDModule(nn.Module):
         to the host; otherwise :class:`~vkd_pyro.inference.terms.StepTerms` of Python floats.
         """
         explicit = self.kl is not None
-        args, kwargs = self.batch_args(batch, 0.0 if explicit else kl_weight)
+        args, kwargs = self.batch_args(batch, 0.0 if explicit else beta)
         loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
-        if explicit and kl_weight > 0:
-            loss = loss + kl_weight * explicit_kl_sum(self.elbo.traces, self.elbo.num_particles, self.kl)
+        if explicit and beta > 0:
+            loss = loss + beta * explicit_kl_sum(self.elbo.traces, self.elbo.num_particles, self.kl)
         vector = self.elbo.term_vector(self.terms, loss, batch.size)
         loss = loss / batch.size
-        return (loss, vector) if not sync_terms else (loss, read_terms(self.terms, vector, kl_weight))
+        return (loss, vector) if not sync_terms else (loss, read_terms(self.terms, vector, beta))
 
     @torch.no_grad()
     def teacher_logits(self, token_states: torch.Tensor, token_mask: torch.Tensor, num_samples: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from vkd_pyro.errors import ConfigError, UserError
 from vkd_pyro.guides import EHRPosterior
 from vkd_pyro.inference.elbo import RecordedELBO
 from vkd_pyro.inference.kl import KLSum, free_bits_kl_sum, is_diagonal_normal
+from vkd_pyro.inference.stl import NotDetachable, require_detachable
 from vkd_pyro.inference.terms import IMAGE_NLL, LOSS, Term
 from vkd_pyro.objectives.resolve import build_family, probe, require_analytic_kl
 
@@ -154,13 +155,19 @@ class Objective:
 
     def report_guide(self, parts: Parts, prior_net: Optional[nn.Module], image_features: Optional[int]) -> EHRPosterior:
         """The EHR posterior q(z_T|x_T) (text block + `model.guide` family), checked against the prior
-        the KL pairs it with: an analytic KL for the meanfield estimator, diagonal Normals for the
-        remedies (their closed-form KL per dimension)."""
+        the KL pairs it with: an analytic KL for the meanfield estimator, parameters that can be detached
+        from log q for the stl estimator, diagonal Normals for the remedies (their closed-form KL per
+        dimension)."""
         head = parts.text_head()
         posterior_net = parts.family("guide", head.out_features)
         inf = self.inference
         if inf.elbo in RecordedELBO.ANALYTIC_KL and prior_net is not None:  # refuse, not a silent Monte Carlo KL
             require_analytic_kl(inf.elbo, posterior_net, prior_net, head.out_features, image_features)
+        if inf.elbo in RecordedELBO.PATH_DERIVATIVE:  # refuse a flow now, not at the first step
+            try:
+                require_detachable(probe(posterior_net, head.out_features))
+            except NotDetachable as exc:
+                raise ConfigError(str(exc)) from None
         if inf.free_bits > 0 or inf.kl_gradient != "both":
             key = "inference.free_bits" if inf.free_bits > 0 else "inference.kl_gradient"
             nets = [("guide", posterior_net, head.out_features)]

@@ -4,7 +4,7 @@
 
 per record, averaged over M prior draws of the image model (`vkd_pyro.models.DistilledModel`); no
 guide. The teacher's tempered probabilities of the training records are computed once before
-training (`vkd_pyro.training.teacher`, from the run `inference.kd.teacher` names); at test time it
+training (`vkd_pyro.training.distillation`, from the run `inference.kd.teacher` names); at test time it
 is Algorithm 2, images alone.
 """
 

@@ -45,6 +45,7 @@ from vkd_pyro.training import distributed
 from vkd_pyro.training.build import build_module, check_config
 from vkd_pyro.training.checkpoint import load_checkpoint, load_resume_state, save_atomic
 from vkd_pyro.training.device import resolve_device
+from vkd_pyro.training.distillation import check_teacher, soft_targets
 from vkd_pyro.training.distributed import say
 from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_split
 from vkd_pyro.training.finetune import init_from_run
@@ -61,7 +62,6 @@ from vkd_pyro.training.resume import (
 )
 from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
-from vkd_pyro.training.teacher import check_teacher, soft_targets
 
 
 def train_loader(split: PairedSplit, config: Config, epoch: int, start: int = 0,
@@ -268,7 +268,7 @@ class Trainer:
         module = build_module(config, self.data.dims).to(device)
         if config.init_from and self.state is None:  # fine-tuning: the model.* weights of another run that match
             say(init_from_run(module, config.init_from)["message"])
-        if self.objective.distils:  # the teacher's tempered probabilities, once (vkd_pyro.training.teacher)
+        if self.objective.distils:  # the teacher's tempered probabilities, once (vkd_pyro.training.distillation)
             module.set_soft_targets(soft_targets(config, self.data, device, self.trust_code))
             say(f"kd: soft targets of teacher {config.inference.kd.teacher} for {len(self.data.splits['train'])} "
                 f"training records (T = {config.inference.kd.temperature}, alpha = {config.inference.kd.alpha})")

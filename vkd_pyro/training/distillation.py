@@ -1,17 +1,20 @@
-"""Objective `kd`: the text teacher's probabilities for the training split, computed once.
+"""Distillation (objective `kd`): the teacher run's probabilities for the training split, computed once.
 
-The teacher is a finished `text_only` run folder (`inference.kd.teacher`: its config.yaml and
-checkpoint.pt), loaded as `load_run` loads a run (identity and --trust-code checks). The path may name the run's own values in braces, `{seed}` and `{data.<key>}`
-(e.g. `teachers/runs/data.train_fraction={data.train_fraction}-seed{seed}`), so that one sweep
-distils each seed and training fraction from its own teacher. The teacher must have read the same
-records with the same report encoder: its `data` section (but for the keys that only change the
-images: IMAGE_KEYS) and its `text_encoder` section equal this run's (ConfigError naming
-`inference.kd.teacher` otherwise), so that the training split and its token states are the same. For each training record the teacher's
-probability p_teacher,c is the mean over S = `inference.test_samples` draws z_T ~ q(z_T|x_T) of
-sigmoid(logit_c(z_T)) (`vkd_pyro.training.evaluate.teacher_split`, dropout off); the soft target
-is that probability at temperature T, sigmoid(logit(p_teacher,c) / T) (`vkd_pyro.models.tempered`).
-The draws use a generator of their own (seeded by the run's seed), not the run's: a resumed run
-recomputes the same targets and trains on as if it had not stopped.
+The teacher *run* is a finished `text_only` run folder (`inference.kd.teacher`: its config.yaml and
+checkpoint.pt), loaded as `load_run` loads a run (identity and --trust-code checks); its report
+head q(y|z_T) is what metrics.json calls a run's `teacher`. The path may name the run's own values
+in braces, `{seed}` and `{data.<key>}` (e.g.
+`teachers/runs/data.train_fraction={data.train_fraction}-seed{seed}`), so that one sweep distils
+each seed and training fraction from its own teacher. The teacher must have read the same records
+with the same report encoder: its `data` section (but for the keys that only change the images:
+IMAGE_KEYS) and its `text_encoder` section equal this run's (ConfigError naming
+`inference.kd.teacher` otherwise), so that the training split and its token states are the same.
+For each training record the teacher's probability p_teacher,c is the mean over S =
+`inference.test_samples` draws z_T ~ q(z_T|x_T) of sigmoid(logit_c(z_T))
+(`vkd_pyro.training.evaluate.teacher_split`, dropout off); the soft target is that probability at
+temperature T, sigmoid(logit(p_teacher,c) / T) (`vkd_pyro.models.tempered`). The draws use a
+generator of their own (seeded by the run's seed), not the run's: a resumed run recomputes the same
+targets and trains on as if it had not stopped.
 """
 
 from __future__ import annotations
