@@ -237,3 +237,53 @@ def test_a_bad_file_follows_the_dataset_policy(radiograph, tmp_path):
     dataset = XRayDataset("t", records, np.zeros((2, NUM_CLASSES)), None, None, SIZE, tmp_path / "c", bad)
     assert len(dataset) == 1 and dataset.skipped == {decode.UNREADABLE: 1}
     assert torch.equal(dataset[0]["img"], predict_tensor(radiograph))
+
+
+
+# Multi-page files ----------------------------------------------------------------------------------
+
+
+def write_pages(path, pages):
+    """A file of `pages` 8 x 8 grey pages (frames), the first one grey level 40: a TIFF, GIF or
+    (animated) PNG written by Pillow, or a DICOM (NumberOfFrames and the PixelData of every frame)."""
+    if path.suffix == ".dcm":
+        write_dicom(path, np.full((8, 8), 40, np.uint8))
+        if pages > 1:
+            import pydicom
+
+            ds = pydicom.dcmread(path)
+            ds.NumberOfFrames = pages
+            ds.PixelData = ds.PixelData * pages
+            ds.save_as(path)
+        return path
+    images = [Image.fromarray(np.full((8, 8), 40 + 80 * i, np.uint8)) for i in range(pages)]
+    images[0].save(path, save_all=True, append_images=images[1:])
+    return path
+
+
+@pytest.mark.parametrize("suffix, pages, detail", [
+    (".tif", 2, "multi-page TIFF image (2 pages)"),
+    (".tiff", 3, "multi-page TIFF image (3 pages)"),
+    (".gif", 2, "multi-page GIF image (2 pages)"),
+    (".png", 2, "multi-page PNG image (2 pages)"),  # an animated PNG
+    (".dcm", 2, "multi-frame DICOM (2 frames)"),
+])
+def test_multi_page_images_are_refused_naming_the_file(tmp_path, suffix, pages, detail):
+    """Training and predict refuse a file of several pages or frames alike (which page is the
+    radiograph is not guessed): a BadImage 'unsupported image', in predict one line naming the file,
+    in a dataset a record skipped under that reason; one page of the same format decodes."""
+    path = write_pages(tmp_path / f"several{suffix}", pages)
+    with pytest.raises(BadImage) as error:
+        decode_image(path, SIZE)
+    assert (error.value.reason, error.value.detail) == (decode.UNSUPPORTED, detail)
+    with pytest.raises(UserError) as error:
+        load_images([str(path)], SIZE)
+    assert str(error.value) == f"{path}: unsupported image ({detail})"
+    single = write_pages(tmp_path / f"one{suffix}", 1)
+    records = pd.DataFrame({"record": ["one", "several"], "path": [str(single), str(path)],
+                            "group": ["g0", "g1"], "view": ["PA", "PA"]})
+    bad = BadRecords("skip")
+    dataset = XRayDataset("t", records, np.zeros((2, NUM_CLASSES)), None, None, SIZE, tmp_path / "c", bad)
+    assert len(dataset) == 1 and dataset.skipped == {decode.UNSUPPORTED: 1}
+    assert torch.equal(dataset[0]["img"], predict_tensor(single))
+    assert torch.equal(dataset[0]["img"], torch.from_numpy(decode.to_unit_float(np.full((1, SIZE, SIZE), 40, np.uint8))))

@@ -177,6 +177,8 @@ def test_the_readme_objective_works_in_evaluate_diagnose_compare_and_load_run(us
     assert main(["diagnose", "--run", str(folder), "--trust-code", "--samples", "8"]) == 0
     diagnostics = json.loads((folder / "diagnostics.json").read_text())
     assert set(diagnostics["elbo"]) >= {"loss", "image_nll", "text_nll", "kl", "kl_pq"}
+    assert main(["figures", "--run", str(folder), "--trust-code", "--records", "0"]) == 0
+    assert (folder / "figures" / "training_curves.png").is_file()  # a panel per recorded term, kl_pq too
     capsys.readouterr()
     assert main(["compare", str(runs["vkd"]), str(folder), "--boot", "200"]) == 0
     assert "macro" in capsys.readouterr().out

@@ -91,22 +91,32 @@ class Run:
     def predict(self, images, samples: Optional[int] = None, batch_size: Optional[int] = None,
                 progress: bool = False) -> Prediction:
         """Algorithm 2 for `images`: file paths (files, folders, glob patterns; any format the training
-        decoder reads) or a tensor (B, 1, H, W) / (B, H, W) of values in [0, 1] at the run's image size."""
-        samples = samples or self.config.inference.test_samples
-        batch_size = batch_size or self.config.train.eval_batch_size
+        decoder reads, multi-page files refused as in training), or a float tensor or numpy array
+        (converted with torch.from_numpy, same rules) of shape (B, 1, H, W) or (B, H, W), B >= 1, with
+        values in [0, 1] at the run's image size (H = W = data.image_size). `samples` (S; None: the
+        run's test_samples) and `batch_size` (None: its eval_batch_size) are positive integers.
+
+        Anything else is refused in one line (UserError) naming the problem: integer or boolean images
+        (scale them to [0, 1] floats, e.g. x.float() / 255), values outside [0, 1], NaN or infinite,
+        another size, an empty batch, a wrong number of dimensions or channels."""
+        samples = _positive_int("samples", samples, self.config.inference.test_samples)
+        batch_size = _positive_int("batch_size", batch_size, self.config.train.eval_batch_size)
         if self.objective.predicts_from != "images":
             raise UserError(f"{self.folder}: a {self.config.inference.objective} run predicts from reports, not "
                             "images (its test figures are in metrics.json; Run.evaluate recomputes them)")
-        if torch.is_tensor(images):
-            paths, tensor = None, images if images.dim() == 4 else images.unsqueeze(1)
-            chunks = [tensor[i:i + batch_size] for i in range(0, len(tensor), batch_size)]
+        size = self.config.data.image_size
+        if torch.is_tensor(images) or isinstance(images, np.ndarray):
+            paths, tensor = None, _image_batch(images, size)
+            total = len(tensor)
+            chunks = (tensor[i:i + batch_size] for i in range(0, total, batch_size))
         else:
             paths = expand_image_paths([images] if isinstance(images, (str, Path)) else list(images))
-            chunks = (load_images(paths[i:i + batch_size], self.config.data.image_size)
-                      for i in range(0, len(paths), batch_size))
+            if not paths:
+                raise UserError("images: an empty list; predict takes image files, folders or glob patterns")
+            total = len(paths)
+            chunks = (load_images(paths[i:i + batch_size], size) for i in range(0, total, batch_size))
         means, stds = [], []
         self.module.eval()
-        total = len(paths) if paths is not None else len(tensor)
         with tqdm(total=total, desc="predict", unit="image", disable=not progress, file=sys.stderr) as bar:
             for chunk in chunks:
                 probs = self.module.predict(chunk.to(self.device, torch.float32), samples)
@@ -207,3 +217,64 @@ def load_images(paths: Sequence[str], size: int) -> torch.Tensor:
             raise UserError(f"{path}: {exc.reason}{f' ({detail})' if detail else ''}") from None
         batch.append(torch.from_numpy(to_unit_float(grey)))
     return torch.stack(batch).unsqueeze(1)
+
+
+def _positive_int(name: str, value, default: int) -> int:
+    """`value` as an int >= 1 (None: `default`); a one-line UserError naming `name` for anything else
+    (0, -3, 2.5, True)."""
+    if value is None:
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name}: must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _float_tensor(images) -> torch.Tensor:
+    """`images`, a tensor or a numpy array (torch.from_numpy), as a floating-point tensor; UserError for
+    integer or boolean images (to be scaled to [0, 1]) and for complex or non-numeric ones."""
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind in "biu":
+            raise UserError(f"images: a numpy {images.dtype} array; scale it to [0, 1] floats, "
+                            "e.g. x.astype(np.float32) / 255")
+        if images.dtype.kind != "f":
+            raise UserError(f"images: a numpy {images.dtype} array; predict takes float images in [0, 1]")
+        return torch.from_numpy(images.astype(images.dtype.newbyteorder("="), order="C", copy=False))
+    if images.is_complex():
+        raise UserError(f"images: a {images.dtype} tensor; predict takes real float images in [0, 1]")
+    if not images.is_floating_point():
+        raise UserError(f"images: a {images.dtype} tensor; scale it to [0, 1] floats, e.g. x.float() / 255")
+    return images
+
+
+def _check_unit_range(images: torch.Tensor) -> None:
+    """A one-line UserError counting the values of `images` that are NaN, infinite or outside [0, 1]."""
+    nan, inf = int(torch.isnan(images).sum()), int(torch.isinf(images).sum())
+    if nan or inf:
+        raise UserError(f"images: {nan} NaN and {inf} infinite values; predict takes floats in [0, 1]")
+    outside = int(((images < 0) | (images > 1)).sum())
+    if outside:
+        raise UserError(f"images: {outside} of {images.numel()} values outside [0, 1] (from "
+                        f"{float(images.min()):.4g} to {float(images.max()):.4g}); scale them to [0, 1], "
+                        "e.g. 8-bit values / 255")
+
+
+def _image_batch(images, size: int) -> torch.Tensor:
+    """A tensor or numpy array of images as `Run.predict` takes them, (B, 1, size, size) or
+    (B, size, size) floats in [0, 1] with B >= 1, as a (B, 1, size, size) tensor; otherwise a one-line
+    UserError naming the problem."""
+    tensor = _float_tensor(images)
+    shape = tuple(tensor.shape)
+    if tensor.dim() not in (3, 4):
+        one = " (one image: x[None])" if tensor.dim() == 2 else ""
+        raise UserError(f"images: shape {shape}; predict takes a batch (B, 1, H, W) or (B, H, W){one}")
+    tensor = tensor.unsqueeze(1) if tensor.dim() == 3 else tensor
+    if len(tensor) == 0:
+        raise UserError(f"images: an empty batch, shape {shape}")
+    if tensor.shape[1] != 1:
+        raise UserError(f"images: shape {shape}, {tensor.shape[1]} channels; predict takes grey images "
+                        "(B, 1, H, W)")
+    if tuple(tensor.shape[2:]) != (size, size):
+        raise UserError(f"images: {tensor.shape[2]} x {tensor.shape[3]} pixels; this run takes {size} x {size} "
+                        "(its data.image_size)")
+    _check_unit_range(tensor)
+    return tensor

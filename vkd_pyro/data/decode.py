@@ -4,7 +4,9 @@ Training (the decode-once cache, `vkd_pyro.data.image_cache`) and `vkd-pyro pred
 (`vkd_pyro.analysis.runs.load_images`) both call :func:`decode_image` and then :func:`to_unit_float`, so a
 file gives the same tensor whichever path reads it. The contract:
 
-- 8-bit grey images are taken as they are. Colour images (RGB, RGBA, palette, CMYK, ...) are
+- 8-bit grey images are taken as they are. Multi-page files (a TIFF of several pages, an animated
+  GIF or PNG: Pillow's `n_frames` > 1) are refused, as multi-frame DICOMs are: which page is the
+  radiograph is not for the decoder to guess. Colour images (RGB, RGBA, palette, CMYK, ...) are
   turned into grey with Pillow's luma (L = 0.299 R + 0.587 G + 0.114 B; alpha is ignored), not refused:
   ChestX-ray14 and other releases ship some radiographs as RGB(A) copies of a grey image.
 - Integer images of more than 8 bits (16-bit PNG and TIFF, mode I) are scaled by their significant
@@ -126,6 +128,9 @@ def _read_pillow(path: str | os.PathLike, size: int) -> np.ndarray:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by size
         with Image.open(path) as image:
             _check_pixels(*image.size)
+            pages = getattr(image, "n_frames", 1)
+            if pages > 1:
+                raise BadImage(UNSUPPORTED, f"multi-page {image.format} image ({pages} pages)")
             if image.format == "JPEG":
                 image.draft("L", (2 * size, 2 * size))
             image.load()

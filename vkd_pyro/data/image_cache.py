@@ -34,22 +34,43 @@ from vkd_pyro.files import atomic_path, write_json
 
 #: Changes whenever decoding or resizing does: it keys the cache.
 #: 2: one decoder with predict; >8-bit images scaled by their significant bit depth; DICOM.
-CACHE_FORMAT = "xray-images-2"
+#: 3: multi-page images refused.
+CACHE_FORMAT = "xray-images-3"
 
 
 class CorruptCacheWarning(UserWarning):
-    """An image cache entry could not be used and is being rebuilt."""
+    """A cache entry (decoded images, rendered phantoms, text token states) could not be used and is
+    being rebuilt; the message starts with the file."""
+
+
+def read_cached_images(target: Path, count: int, size: int, mmap_mode: Optional[str] = "r"):
+    """(array, "") when `target` holds a (count, size, size) uint8 array, else (None, why it cannot
+    be used): unreadable (truncated, garbage, not an .npy), or of another shape or dtype."""
+    try:
+        images = np.load(target, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, EOFError, OSError, zipfile.BadZipFile, ...
+        return None, f"unreadable array: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    if not isinstance(images, np.ndarray):  # np.load opens a zip archive as an NpzFile
+        images.close()
+        return None, "unreadable array: a zip archive, not an .npy array"
+    if images.dtype != np.uint8 or images.shape != (count, size, size):
+        return None, f"array of {images.dtype} {tuple(images.shape)}, expected uint8 {(count, size, size)}"
+    return images, ""
+
+
+def warn_corrupt(target: Path, why: str, redo: str) -> None:
+    """Warn (CorruptCacheWarning, naming `target`) that a cache entry cannot be used (`why`) and is
+    rebuilt by `redo` ("decoding the 12 images again"); attributed to the caller's caller."""
+    warnings.warn(f"{target}: corrupt image cache entry ({why}); {redo} to rebuild it", CorruptCacheWarning,
+                  stacklevel=3)
 
 
 def _read_cache(target: Path, count: int, size: int):
     """(images memmap, bad list) of a usable cache entry, or (None, why) when it cannot be used."""
     meta_path = target.with_suffix(".json")
-    try:
-        images = np.load(target, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        return None, f"unreadable array: {type(exc).__name__}: {exc}"
-    if images.dtype != np.uint8 or images.shape != (count, size, size):
-        return None, f"array of {images.dtype} {tuple(images.shape)}, expected uint8 {(count, size, size)}"
+    images, why = read_cached_images(target, count, size)
+    if images is None:
+        return None, why
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -114,8 +135,7 @@ def load_or_decode(paths: Sequence[str], size: int, cache_dir: Optional[os.PathL
             for index, reason, detail in found:
                 on_bad(int(index), reason, detail)
             return images
-        warnings.warn(f"{target}: corrupt image cache entry ({found}); decoding the {len(paths)} "
-                      "images again to rebuild it", CorruptCacheWarning, stacklevel=2)
+        warn_corrupt(target, found, f"decoding the {len(paths)} images again")
 
     started = time.perf_counter()
     bad: list[tuple[int, str, str]] = []

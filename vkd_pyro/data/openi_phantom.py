@@ -9,7 +9,9 @@ those with neither FINDINGS nor IMPRESSION are left out and counted (`skipped`).
 a label is uncertain); the text: FINDINGS + IMPRESSION (INDICATION first if asked). The image is
 rendered from the same terms (`vkd_pyro.data.phantom`) and cached on disk,
 `<cache_dir>/phantom/<key>.npy`, keyed by the renderer version, size, signal, difficulty and the
-reports' terms. Items are those of every `XRayDataset`.
+reports' terms; an entry that cannot be used (unreadable, truncated, of another shape or dtype) is
+rendered again and replaced, with the image cache's `CorruptCacheWarning` naming it. Items are
+those of every `XRayDataset`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from vkd_pyro.classes import NUM_CLASSES
+from vkd_pyro.data.image_cache import read_cached_images, warn_corrupt
 from vkd_pyro.data.labels import findings_of, report_labels
 from vkd_pyro.data.openi_reports import Report, read_reports
 from vkd_pyro.data.phantom import RENDERER_VERSION, render_phantom
@@ -85,7 +88,8 @@ class OpenIPhantomDataset(XRayDataset):
     def load_images(self, records: pd.DataFrame, cache_dir: Optional[os.PathLike],
                     on_bad: Callable[[int, str, str], None], workers: int, say) -> np.ndarray:
         """The phantoms of `self.reports` (records' rows), rendered in `workers` processes or read from
-        the cache; a rendered image is never bad, so `on_bad` is not called."""
+        the cache (a corrupt entry is rendered again, with a warning naming it); a rendered image is
+        never bad, so `on_bad` is not called."""
         # difficulty 0 renders what versions without it rendered: it keys the cache only when set
         hard = (("difficulty", float(self.difficulty)),) if self.difficulty else ()
         key = hashlib.sha256(repr((RENDERER_VERSION, self.image_size, self.signal,
@@ -93,9 +97,10 @@ class OpenIPhantomDataset(XRayDataset):
                                   ).encode()).hexdigest()[:24]
         path = Path(cache_dir) / "phantom" / f"{key}.npy" if cache_dir is not None else None
         if path is not None and path.is_file():
-            images = np.load(path)
-            if images.shape == (len(self.reports), self.image_size, self.image_size):
+            images, why = read_cached_images(path, len(self.reports), self.image_size, mmap_mode=None)
+            if images is not None:
                 return images
+            warn_corrupt(path, why, f"rendering the {len(self.reports)} phantoms again")
         images = render_reports(self.reports, self.image_size, self.signal, workers, self.difficulty)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

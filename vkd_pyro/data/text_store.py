@@ -12,8 +12,9 @@ that includes them replaces the old one (atomically: `vkd_pyro.files.write_bytes
 therefore keeps every committed chunk; the rows it left past the committed end are cut off by the
 next writer, which encodes only the texts that are still missing. A store whose index cannot be
 read or disagrees with its array (offsets not contiguous, array shorter than the index says) is
-rebuilt from scratch with a warning naming the bad file. Writers hold an exclusive lock on
-`lock` (fcntl), so two processes filling the same store do not interleave.
+rebuilt from scratch with a warning naming the bad file (the image caches' `CorruptCacheWarning`).
+Writers hold an exclusive lock on `lock` (fcntl), so two processes filling the same store do not
+interleave.
 
 Reading never loads the array: `TextFeatureStore.view(rows)` is a `TokenStates`, a small object
 (the array's path, the offset and length of each of its records) that opens its own read-only file
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vkd_pyro.data.image_cache import CorruptCacheWarning
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import write_bytes
 
@@ -178,7 +180,7 @@ class TextFeatureStore:
         except _Corrupt as bad:
             if not reset:
                 return False
-            warnings.warn(f"text feature store: {bad}; rebuilding the store {self.folder}")
+            warnings.warn(f"{bad}; rebuilding the text feature store {self.folder}", CorruptCacheWarning)
             self._reset()
         return True
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -35,10 +36,35 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 import torchvision
-import torchxrayvision as xrv
 from torch import nn
 
 from vkd_pyro.errors import UserError
+
+
+def _ignores_every_warning(entry: tuple) -> bool:
+    """Whether a `warnings.filters` entry (action, message, category, module, lineno) ignores every
+    warning of vkd-pyro's classes (UserWarning and below) from every module."""
+    action, message, category, module, _ = entry
+    return action == "ignore" and message is None and module is None and issubclass(UserWarning, category)
+
+
+def _import_torchxrayvision():
+    """torchxrayvision, imported without silencing this process's warnings.
+
+    Its models module calls `warnings.filterwarnings("ignore")` at import time, which would hide every
+    later warning (vkd-pyro's CorruptCacheWarning among them). The filters are saved before the import
+    and restored after it; those the import added for its dependencies' own warning classes (urllib3,
+    requests) are kept, any that ignores every warning is dropped. Import torchxrayvision only here."""
+    saved = warnings.filters[:]
+    try:
+        import torchxrayvision
+    finally:
+        added = [entry for entry in warnings.filters if entry not in saved and not _ignores_every_warning(entry)]
+        warnings.filters[:] = added + saved
+    return torchxrayvision
+
+
+xrv = _import_torchxrayvision()
 
 # One grey-level ImageNet normalisation: the means of the per-channel RGB means and stds.
 IMAGENET_GREY_MEAN = (0.485 + 0.456 + 0.406) / 3.0
