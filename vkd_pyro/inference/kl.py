@@ -60,7 +60,8 @@ def _unbroadcast(tensors: list, batch_dims: int) -> tuple[list, int]:
     """`tensors` (broadcast to one shape first) without the leading batch dimensions along which
     all of them are broadcast (stride 0; the last batch dimension is kept), and how many copies
     those dimensions held."""
-    tensors = torch.broadcast_tensors(*tensors)
+    if any(t.shape != tensors[0].shape for t in tensors):
+        tensors = torch.broadcast_tensors(*tensors)
     lead = 0
     while lead < batch_dims - 1 and all(t.stride(lead) == 0 for t in tensors):
         lead += 1
