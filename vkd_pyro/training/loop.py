@@ -15,6 +15,7 @@ without a per-step GPU sync); under torchrun the module is wrapped in Distribute
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import sys
@@ -57,6 +58,7 @@ from vkd_pyro.training.resume import (
     locate,
     restore,
     restore_rng,
+    resume_check,
     save_resume,
     write_history,
 )
@@ -151,6 +153,10 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     DistributedDataParallel; only rank 0 writes files (and holds the folder). SIGINT/SIGTERM write
     last.pt and raise :class:`~vkd_pyro.errors.Interrupted`; a NaN or infinite loss term raises
     :class:`~vkd_pyro.errors.TrainingDiverged` and leaves the checkpoints as they were.
+
+    A resume is checked before the folder is written (`vkd_pyro.training.resume.resume_check`): a
+    refusal (a damaged last.pt, a config.yaml that no longer matches the weights) leaves every file
+    as it was; a finished run says so in one line, changes nothing and returns its metrics.json.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
@@ -162,21 +168,31 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     ctx, device = distributed.init_from_env(resolve_device(config.device))
     try:
         with ExitStack() as stack:
-            refusal = None
+            refusal = done = None
             if ctx.is_main:
-                try:
+                try:  # a resume is checked (last.pt, config.yaml) before the folder is written
+                    check = (lambda: resume_check(out_dir, config)) if resume else None
                     run = stack.enter_context(open_run(out_dir, "resume" if resume else
-                                                       "overwrite" if overwrite else "new"))
+                                                       "overwrite" if overwrite else "new", check))
+                    done = run.nothing_to_do
                 except UserError as exc:
                     refusal = str(exc)
-            refusal = next((r for r in distributed.all_gather_objects(refusal) if r), None)
+            outcomes = distributed.all_gather_objects((refusal, done))
+            refusal = next((r for r, _ in outcomes if r), None)
             if refusal:  # every process stops alike
                 raise UserError(refusal)
+            done = next((d for _, d in outcomes if d), None)
+            if done:  # a finished run: nothing is written
+                say(done)
+                metrics = out_dir / "metrics.json"
+                return json.loads(metrics.read_text()) if ctx.is_main else {}
             # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
             stack.enter_context(pyro.validation_enabled(False))
             stack.enter_context(_run_log(out_dir, ctx))
             trainer = Trainer(config, out_dir, ctx, device, progress, resume, objective, trust_code)
             warn_undefined_auc(trainer.data.splits["validation"], config)
+            if ctx.is_main:
+                run.training = True  # a failure from here on is the run's (before: the folder is put back)
             result = trainer.fit()
             if ctx.is_main:
                 stamp_metrics(out_dir, run.run_id)

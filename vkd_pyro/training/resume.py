@@ -24,8 +24,15 @@ from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.inference.terms import Term
 from vkd_pyro.objectives.resolve import check_trusted
 from vkd_pyro.training import distributed
-from vkd_pyro.training.checkpoint import RESUME_FORMAT, capture_rng_state, restore_rng_state, save_atomic
+from vkd_pyro.training.checkpoint import (
+    RESUME_FORMAT,
+    capture_rng_state,
+    load_resume_state,
+    restore_rng_state,
+    save_atomic,
+)
 from vkd_pyro.training.distributed import say
+from vkd_pyro.training.run_folder import RUN_FILE, flatten, read_record
 
 RANK_SEED_STRIDE = 7919  # seeds of the processes > 0: seed + stride * rank
 
@@ -78,6 +85,46 @@ def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
     if "train.stop_after_steps" not in given:
         config.train.stop_after_steps = None
     return config
+
+
+def trains_on(state: dict, config: Config) -> bool:
+    """Whether a resume from `state` (last.pt) trains: the run was not finished, or it ended at
+    train.max_epochs (not by early stopping) and `config` raises train.max_epochs above the epochs it ran."""
+    if not state.get("finished"):
+        return True
+    return not state.get("stopped_early") and int(state["epoch"]) <= config.train.max_epochs
+
+
+def resume_check(run_dir, config: Config) -> Optional[str]:
+    """What `train --resume` checks under the folder's lock before it writes anything
+    (vkd_pyro.training.run_folder.open_run): UserError (one line) when last.pt is unreadable, is
+    another run's, or was trained with another config than `config` (config.yaml and the resume
+    overrides) in a key outside RESUME_OVERRIDABLE; the line saying so when the run is finished and
+    `config` gives it nothing more to do (None when it trains on, or its test report is missing)."""
+    run_dir = Path(run_dir)
+    state = load_resume_state(run_dir)
+    record = read_record(run_dir)
+    found = state.get("run_id")
+    if record is not None and found is not None and found != record["run_id"]:
+        raise UserError(f"{run_dir / 'last.pt'}: is from run {found} but the folder's {RUN_FILE} names run "
+                        f"{record['run_id']}; it cannot continue this run")
+    if not isinstance(state["config"], dict):
+        raise UserError(f"{run_dir / 'last.pt'}: not a vkd-pyro resume state (its config is not a mapping)")
+    there, now = flatten(state["config"]), flatten(config.to_dict())
+    differ = [f"{key}: {there[key]} in last.pt, {now[key]} in config.yaml" for key in sorted(set(there) & set(now))
+              if there[key] != now[key] and key not in RESUME_OVERRIDABLE]
+    if differ:
+        shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise UserError(f"{run_dir / 'config.yaml'}: does not match the weights in {run_dir / 'last.pt'} ({shown}); "
+                        "put config.yaml back, or train the changed config into a new folder")
+    if trains_on(state, config) or record is None or record.get("status") != "finished" or \
+            not (run_dir / "metrics.json").is_file():
+        return None
+    epochs = int(state["epoch"]) - 1
+    best = int(state["early_stopping"]["best_epoch"])
+    why = (f"stopped early after {epochs} epochs" if state.get("stopped_early")
+           else f"ran its {epochs} epochs (raise train.max_epochs above {epochs} to train on)")
+    return f"{run_dir}: run {record['run_id']} is finished, best epoch {best}; it {why}: nothing to do"
 
 
 def locate(global_step: int, loop: LoopState, T: int) -> tuple[int, int]:
@@ -147,6 +194,8 @@ def restore(state: dict, module: VKDModule, optimizer, config: Config, out_dir: 
                      stopped_early=bool(state.get("stopped_early")), saved=state.get("saved"))
     if loop.finished and not loop.stopped_early and loop.epoch <= config.train.max_epochs:
         loop.finished = False  # train.max_epochs was raised: train on
+        say(f"training had finished after {loop.epoch - 1} epochs; train.max_epochs is now "
+            f"{config.train.max_epochs}: training on")
     if loop.finished:
         say(f"training had finished (best epoch {loop.best_epoch}); evaluating its best checkpoint again")
     say(f"resuming from {out_dir / 'last.pt'}: epoch {loop.epoch}, step {loop.step_in_epoch} "

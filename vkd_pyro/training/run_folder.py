@@ -18,6 +18,11 @@ The contract:
 - **run.json**: `{"run_id", "status", "reason", "started", "updated", "ended", "pid", "host",
   "resumed"}`; status `running`, then `finished`, `interrupted` (SIGINT/SIGTERM), or `failed` with
   the reason (the error's one line). `run_id` is a uuid4 hex, kept when the run is resumed.
+- **A refused resume changes nothing.** `resume` checks the folder (`check`, under the lock) before
+  run.json says `running`: a refusal there writes nothing, and a run with nothing left to do is left
+  as it is. A resume that fails before its first training step (`RunFolder.training` still False)
+  puts run.json, config.yaml and history.csv back byte for byte instead of marking the run failed
+  (run.log keeps the lines it logged; nothing else is written before the first step).
 - **The run id in the files.** checkpoint.pt and last.pt carry `run_id` (`vkd_pyro.training.checkpoint.
   save_atomic` stamps every checkpoint written into a folder that this process has open), and so does
   metrics.json (training and `evaluate`).
@@ -45,11 +50,11 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from vkd_pyro.config import Config
 from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
-from vkd_pyro.files import TEMPORARY_MARK, remove_stale_temporaries, write_json
+from vkd_pyro.files import TEMPORARY_MARK, remove_stale_temporaries, write_bytes, write_json
 from vkd_pyro.training.distributed import say
 
 RUN_FILE = "run.json"
@@ -58,6 +63,8 @@ REPLACED_PREFIX = ".replaced-"
 # What a sweep's launcher (vkd_pyro.analysis.launch) writes beside a run: the job's record, not the run's.
 LAUNCH_FILES = ("launch.log", "launch.json")
 MODES = ("new", "overwrite", "resume")
+# What a resume writes before its first training step (put back when it fails there).
+KEPT_ON_RESUME = (RUN_FILE, "config.yaml", "history.csv")
 
 _OPEN: dict[Path, str] = {}  # resolved folder -> run id, for the folders this process has open
 
@@ -209,6 +216,8 @@ class RunFolder:
 
     def __init__(self, folder: Path, record: dict):
         self.folder, self.record = folder, record
+        self.training = False  # set by the trainer before its first step: from then on a failure is the run's
+        self.nothing_to_do: Optional[str] = None  # the `check` of open_run found the run finished: this line
 
     @property
     def run_id(self) -> str:
@@ -244,11 +253,32 @@ def _claim(folder: Path, mode: str) -> dict:
     return {"run_id": uuid.uuid4().hex, "started": _now(), "resumed": 0, **host}
 
 
+def _keep(folder: Path) -> dict:
+    """name -> bytes (None when absent) of the files a resume writes before its first step."""
+    return {name: (folder / name).read_bytes() if (folder / name).is_file() else None for name in KEPT_ON_RESUME}
+
+
+def _put_back(folder: Path, kept: dict) -> None:
+    """The files of `_keep` as they were (atomically; a file that was absent is removed)."""
+    for name, data in kept.items():
+        path = folder / name
+        if data is None:
+            path.unlink(missing_ok=True)
+        elif not path.is_file() or path.read_bytes() != data:
+            write_bytes(path, data)
+
+
 @contextmanager
-def open_run(folder: os.PathLike, mode: str = "new") -> Iterator[RunFolder]:
+def open_run(folder: os.PathLike, mode: str = "new", check: Optional[Callable[[], Optional[str]]] = None
+             ) -> Iterator[RunFolder]:
     """Hold the folder's lock, start (or resume) its run in run.json, stamp its id into the files
     written meanwhile, and record how the block ended: `finish()` marks it finished; Interrupted
-    -> interrupted; any other exception -> failed, with its first line as the reason."""
+    -> interrupted; any other exception -> failed, with its first line as the reason.
+
+    `check` (resume) runs under the lock before anything is written: an exception leaves the folder
+    as it was; a line returned says there is nothing to do (`run.nothing_to_do`): the block gets the
+    run and nothing is written, however it ends. A resume that fails before `run.training` is set
+    puts back run.json, config.yaml and history.csv as they were, byte for byte (module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode: one of {MODES}, got {mode!r}")
     folder = Path(folder)
@@ -259,21 +289,27 @@ def open_run(folder: os.PathLike, mode: str = "new") -> Iterator[RunFolder]:
         if stale:
             say(f"removed {len(stale)} temporary files of interrupted writes from {folder}")
         run = RunFolder(folder, _claim(folder, mode))
+        run.nothing_to_do = check() if check is not None else None
+        if run.nothing_to_do is not None:
+            yield run
+            return
+        kept = _keep(folder) if mode == "resume" else None
         run._write("running")
         key = folder.resolve()
         _OPEN[key] = run.run_id
         try:
             yield run
-        except Interrupted as exc:
-            run._write("interrupted", str(exc))
-            raise
-        except KeyboardInterrupt:
-            run._write("interrupted", "KeyboardInterrupt")
-            raise
         except BaseException as exc:
-            reason = (str(exc).splitlines() or [""])[0]
-            kind = "diverged" if isinstance(exc, TrainingDiverged) else type(exc).__name__
-            run._write("failed", f"{kind}: {reason}")
+            if kept is not None and not run.training:  # refused before its first step: the run is as it was
+                _put_back(folder, kept)
+            elif isinstance(exc, Interrupted):
+                run._write("interrupted", str(exc))
+            elif isinstance(exc, KeyboardInterrupt):
+                run._write("interrupted", "KeyboardInterrupt")
+            else:
+                reason = (str(exc).splitlines() or [""])[0]
+                kind = "diverged" if isinstance(exc, TrainingDiverged) else type(exc).__name__
+                run._write("failed", f"{kind}: {reason}")
             raise
         else:
             if run.record["status"] == "running":  # left without finish(): a rank > 0 or an early return
