@@ -18,11 +18,12 @@ import pytest
 import torch
 import yaml
 
+from tests.test_run_folder import snapshot
 from tests.tiny_runs import tiny_overrides
 from vkd_pyro.cli import main
 from vkd_pyro.config import config_from_dict
 from vkd_pyro.training.loop import fit
-from vkd_pyro.training.run_folder import LOCK_FILE, RUN_FILE
+from vkd_pyro.training.run_folder import RUN_FILE
 
 
 @pytest.fixture(autouse=True)
@@ -44,12 +45,6 @@ def run(tmp_path, trained):
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     return copy
-
-
-def snapshot(folder: Path) -> dict:
-    """name -> (bytes, mtime) of every file below `folder`, the lock file aside."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def resume(run: Path, capsys, *overrides) -> tuple[int, str, str]:
