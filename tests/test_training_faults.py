@@ -18,7 +18,7 @@ import pyro
 import pytest
 import torch
 
-import vkd_pyro.training.loop as train_module
+import vkd_pyro.training.build as build_step
 from tests.conftest import FeaturesAsImages, MaskedMeanHead, tiny_batch
 from tests.tiny_runs import tiny_overrides, write_config_file
 from vkd_pyro.cli import main
@@ -165,14 +165,14 @@ def test_nan_stops_the_run_naming_step_and_term_and_keeps_the_last_good_state(tm
         calls["n"] += 1
         return output * float("nan") if calls["n"] == T + 2 else output
 
-    build = train_module.build_module
+    build = build_step.build_module  # what the trainer's initial_module builds with
 
     def build_poisoned(*args, **kwargs):
         module = build(*args, **kwargs)
         module.model.text_classifier.register_forward_hook(poison)
         return module
 
-    monkeypatch.setattr(train_module, "build_module", build_poisoned)
+    monkeypatch.setattr(build_step, "build_module", build_poisoned)
     with pytest.raises(TrainingDiverged) as err:
         fit(load_config(config_file), tmp_path)
     message = str(err.value)

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-import pyro
 import torch
 from matplotlib.figure import Figure
 
@@ -64,13 +63,12 @@ from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.errors import UserError
 from vkd_pyro.files import atomic_path, write_text
 from vkd_pyro.inference.module import VKDModule
-from vkd_pyro.training.build import build_module, check_config
+from vkd_pyro.training.build import build_module, check_config, initial_module
 from vkd_pyro.training.checkpoint import load_resume_state
 from vkd_pyro.training.device import resolve_device
 from vkd_pyro.training.distillation import soft_targets
 from vkd_pyro.training.distributed import say
 from vkd_pyro.training.evaluate import seeded
-from vkd_pyro.training.finetune import init_from_run
 from vkd_pyro.training.load import load_trained, read_run_config
 from vkd_pyro.training.loop import global_batches
 from vkd_pyro.training.run_folder import check_loadable, flatten
@@ -370,11 +368,10 @@ def setting_module(config: Config, dims: Optional[dict], targets: Optional[torch
 
 
 def initial_weights(config: Config, dims: Optional[dict]) -> Weights:
-    """The config's initialisation, as `Trainer._build_module` draws it: seed, build, init_from."""
-    pyro.set_rng_seed(config.seed)
-    module = build_module(config, dims)
-    if config.init_from:
-        say(init_from_run(module, config.init_from)["message"])
+    """The config's initialisation, as a run starts (`vkd_pyro.training.build.initial_module`)."""
+    module, message = initial_module(config, dims)
+    if message:
+        say(message)
     return Weights("init", module.state_dict(), config, f"the initialisation of {config.inference.objective} "
                    f"at seed {config.seed}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,7 +12,15 @@ from typing import Optional, Sequence
 from vkd_pyro.config import load_config, parse_value, split_assignment
 from vkd_pyro.errors import UserError
 from vkd_pyro.training import distributed
-from vkd_pyro.training.run_folder import config_differences, flatten, folder_lock, move_aside, read_record, run_entries
+from vkd_pyro.training.run_folder import (
+    config_differences,
+    flatten,
+    folder_lock,
+    move_aside,
+    read_record,
+    run_entries,
+    safe_name,
+)
 
 NO_EFFECT_KEYS = ("cache_dir", "train.progress", "train.tensorboard")  # where and how visibly a run computes
 
@@ -82,13 +89,9 @@ def parse_grid(specs: Sequence[str]) -> list[Axis]:
     return axes
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
-
-
 def run_name(assignment: dict, seed: int) -> str:
     """`key=value,key=value-seed<k>` (values made safe for a file name), `seed<k>` without a grid."""
-    parts = ",".join(f"{key}={_safe(text)}" for key, text in assignment.items())
+    parts = ",".join(f"{key}={safe_name(text)}" for key, text in assignment.items())
     return f"{parts}-seed{seed}" if parts else f"seed{seed}"
 
 

@@ -136,8 +136,7 @@ class Run:
         trained on; another seed gives fresh draws)."""
         samples = samples or self.config.inference.test_samples
         objective = self.objective
-        data = prepare_data(self.config, with_reports=objective.reads_reports and objective.has_teacher,
-                            device=self.device)
+        data = prepare_data(self.config, with_reports=objective.evaluation_reads_reports, device=self.device)
         if split not in data.splits:
             raise UserError(f"split {split!r}: not one of {', '.join(data.splits)}")
         extra = {"best_epoch": self.checkpoint.get("epoch"), "val_macro_auc": self.checkpoint.get("val_macro_auc")}

@@ -93,7 +93,7 @@ def cmd_evaluate(args) -> None:
     _positive(args.samples, "--samples")
     run = load_run(args.run, device=args.device, trust_code=args.trust_code)
     objective = run.objective
-    data = prepare_data(run.config, with_reports=objective.reads_reports and objective.has_teacher, device=run.device)
+    data = prepare_data(run.config, with_reports=objective.evaluation_reads_reports, device=run.device)
     samples = args.samples or run.config.inference.test_samples
     if args.split not in data.splits or len(data.splits[args.split]) == 0:
         raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")

@@ -138,6 +138,12 @@ class Objective:
         return self.kl() is not None
 
     @property
+    def evaluation_reads_reports(self) -> bool:
+        """Whether evaluating a trained run needs the reports: for the teacher q(y|z_T) only (a kd run
+        read them to train, its evaluation does not)."""
+        return self.reads_reports and self.has_teacher
+
+    @property
     def reported_terms(self) -> tuple[Term, ...]:
         """The recorded terms the epoch line and the progress bar show (history.csv holds them all)."""
         return self.terms if self.reported is None else tuple(t for t in self.terms if t.name in self.reported)

@@ -29,7 +29,7 @@ from vkd_pyro.config import Config
 from vkd_pyro.errors import ConfigError
 from vkd_pyro.models import tempered
 from vkd_pyro.objectives import objective_for
-from vkd_pyro.training.evaluate import teacher_split
+from vkd_pyro.training.evaluate import seeded, teacher_split
 from vkd_pyro.training.load import load_trained, read_run_config
 
 KEY = "inference.kd.teacher"
@@ -87,8 +87,7 @@ def soft_targets(config: Config, data, device, trust_code: bool = False) -> torc
     teacher = load_teacher(config, device, trust_code)
     train = data.splits["train"]
     table = torch.full((len(data.dataset), NUM_CLASSES), float("nan"))
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, device):  # a generator of its own: the run's draws are untouched
         probs, _, _ = teacher_split(teacher, train, config.inference.test_samples, config.train.eval_batch_size,
                                     device)
     table[torch.as_tensor(np.asarray(train.indices))] = tempered(torch.as_tensor(probs), config.inference.kd.temperature)

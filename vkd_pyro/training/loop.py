@@ -43,13 +43,12 @@ from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.inference.schedules import KLSchedule
 from vkd_pyro.inference.terms import StepTerms
 from vkd_pyro.training import distributed
-from vkd_pyro.training.build import build_module, check_config
+from vkd_pyro.training.build import check_config, initial_module
 from vkd_pyro.training.checkpoint import load_checkpoint, load_resume_state, save_atomic
 from vkd_pyro.training.device import resolve_device
 from vkd_pyro.training.distillation import check_teacher, soft_targets
 from vkd_pyro.training.distributed import say
 from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_split
-from vkd_pyro.training.finetune import init_from_run
 from vkd_pyro.training.logger import TrainingLogger
 from vkd_pyro.training.provenance import as_comment, provenance
 from vkd_pyro.training.resume import (
@@ -280,10 +279,10 @@ class Trainer:
 
     def _build_module(self) -> VKDModule:
         config, ctx, device = self.config, self.ctx, self.device
-        pyro.set_rng_seed(config.seed)  # the same initial weights whatever data preparation drew
-        module = build_module(config, self.data.dims).to(device)
-        if config.init_from and self.state is None:  # fine-tuning: the model.* weights of another run that match
-            say(init_from_run(module, config.init_from)["message"])
+        module, message = initial_module(config, self.data.dims, fine_tune=self.state is None)
+        module = module.to(device)
+        if message:  # fine-tuning: the model.* weights of another run that match
+            say(message)
         if self.objective.distils:  # the teacher's tempered probabilities, once (vkd_pyro.training.distillation)
             module.set_soft_targets(soft_targets(config, self.data, device, self.trust_code))
             say(f"kd: soft targets of teacher {config.inference.kd.teacher} for {len(self.data.splits['train'])} "

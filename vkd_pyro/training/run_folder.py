@@ -75,10 +75,15 @@ def config_hash(config: Config, length: int = 8) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
+def safe_name(text: str) -> str:
+    """`text` as a part of a file name: runs of anything but letters, digits and ._+- become one _
+    (an objective's import path has a colon), leading and trailing _ dropped ("_" when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
 def default_run_folder(config_path: os.PathLike, config: Config) -> Path:
     """runs/<config name>-<objective>-seed<seed>-<config_hash>: two configs, two folders."""
-    objective = re.sub(r"[^A-Za-z0-9._+-]+", "_", config.inference.objective)  # an import path has a colon
-    name = f"{Path(config_path).stem}-{objective}-seed{config.seed}-{config_hash(config)}"
+    name = f"{Path(config_path).stem}-{safe_name(config.inference.objective)}-seed{config.seed}-{config_hash(config)}"
     return Path("runs") / name
 
 
