@@ -47,3 +47,17 @@ def _seeded():
     pyro.clear_param_store()
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def phantom_factory(tmp_path_factory):
+    """A function that builds a fresh 300-report openi_phantom dataset at 16 px (one cache per module)."""
+    from vkd_pyro.data.openi_phantom import OpenIPhantomDataset
+    cache = tmp_path_factory.mktemp("cache")
+    return lambda: OpenIPhantomDataset(image_size=16, max_reports=300, cache_dir=cache)
+
+
+def phantom_config(**data):
+    """The config of `phantom_factory`'s dataset with `data` keys changed."""
+    from vkd_pyro.config import config_from_dict
+    return config_from_dict({"data": {"max_reports": 300, "image_size": 16, **data}})

@@ -57,6 +57,13 @@ class DataConfig:
     # reports and labels; a stable, nested subset chosen by split_seed (vkd_pyro.data.splits.reduce_train).
     # Validation and test are untouched.
     train_fraction: float = field(default=1.0, metadata=_check(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"))
+    # Noise in the training labels only (vkd_pyro.data.label_noise, docs/labels.md): rate r and kind,
+    # symmetric (class-conditional flips that keep each class's prevalence) or missed (positives lost).
+    label_noise: float = field(default=0.0, metadata=_HALF_OPEN_PROBABILITY)
+    label_noise_kind: str = field(default="symmetric", metadata=_one_of("symmetric", "missed"))
+    # What the training records' reports are replaced by (vkd_pyro.data.report_control): none, shuffled
+    # (another training record's report) or labels (a text listing the record's training labels).
+    report_control: str = field(default="none", metadata=_one_of("none", "shuffled", "labels"))
     max_reports: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 10, "must be >= 10"))
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
     # Real datasets (openi, mimic_cxr, chestxray14), see vkd_pyro/data/<name>.py:

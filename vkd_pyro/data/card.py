@@ -17,17 +17,23 @@ import numpy as np
 
 from vkd_pyro.classes import CLASSES
 from vkd_pyro.config import Config
+from vkd_pyro.data import label_noise, report_control
 from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.data.splits import SPLIT_NAMES, dataset_splits
+from vkd_pyro.data.splits import SPLIT_NAMES
+from vkd_pyro.data.training_split import training_splits
 
 
-def dataset_card(dataset, splits: dict, config: Config, seconds: Optional[float] = None) -> dict:
+def dataset_card(dataset, splits: dict, config: Config, seconds: Optional[float] = None,
+                 entries: Optional[dict] = None) -> dict:
     """The card of a built dataset and its split indices, as plain JSON-able values.
 
     Keys: dataset, root, image_size, records, split_source, splits (split -> records, groups,
     positives per class, known labels per class or None, views), views, reports (None for
-    image-only datasets), label_policy, selection, skipped, skipped_examples, warnings, seconds.
+    image-only datasets), label_policy, label_noise and report_control (`entries` of
+    `vkd_pyro.data.training_split.training_splits`; None when off), selection, skipped,
+    skipped_examples, warnings, seconds.
     """
+    entries = entries or {}
     data = config.data
     mask = getattr(dataset, "label_mask", None)
     views = getattr(dataset, "views", None)
@@ -77,6 +83,8 @@ def dataset_card(dataset, splits: dict, config: Config, seconds: Optional[float]
         "label_policy": ({"uncertain": data.label_policy, "blank": data.blank_policy}
                          if data.name == "mimic_cxr" else None),
         "masked_labels": mask is not None,
+        "label_noise": entries.get("label_noise"),
+        "report_control": entries.get("report_control"),
         "selection": dict(getattr(dataset, "selection", {}) or {}),
         "skipped": dict(dataset.skipped),
         "skipped_examples": dict(getattr(dataset, "skipped_examples", {}) or {}),
@@ -116,6 +124,13 @@ def format_card(card: dict) -> str:
                      f"blank -> {card['label_policy']['blank']}")
     if card["masked_labels"]:
         lines.append("labels: some are unknown and masked out of the likelihood and the AUCs (known counts below)")
+    noise, control = card.get("label_noise"), card.get("report_control")
+    if noise:
+        lines.append(label_noise.describe(noise) + ":")
+        lines.append("  " + "; ".join(f"{c} {noise['positives_before'][c]} -> {noise['positives_after'][c]} "
+                                      f"(-{noise['to_negative'][c]} +{noise['to_positive'][c]})" for c in CLASSES))
+    if control:
+        lines.append(report_control.describe(control))
     if card["selection"]:
         lines.append("not selected: " + "; ".join(f"{why}: {n}" for why, n in card["selection"].items()))
     skipped = {why: n for why, n in card["skipped"].items() if n}
@@ -145,9 +160,10 @@ def format_card(card: dict) -> str:
 
 
 def check(config: Config, with_reports: bool) -> dict:
-    """Build `config`'s dataset and splits (validating every record and image) and return its card
+    """Build `config`'s dataset and the splits training sees (validating every record and image;
+    `vkd_pyro.data.training_split`) and return its card
     (`with_reports`: the config's objective reads the reports, which an image-only dataset refuses)."""
     started = time.perf_counter()
     dataset = build_dataset(config, with_reports)
-    splits = dataset_splits(dataset, config.data.split, config.data.split_seed)
-    return dataset_card(dataset, splits, config, time.perf_counter() - started)
+    splits, _, entries = training_splits(dataset, config)
+    return dataset_card(dataset, splits, config, time.perf_counter() - started, entries)

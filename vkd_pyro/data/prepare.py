@@ -1,7 +1,8 @@
 """The one place that turns a config into data: the dataset, its splits and the frozen report features.
 
 `prepare_data(config)` builds the dataset `data.name` names, splits it by group (or by its official
-split), and, for objectives that read the reports, runs the frozen text encoder once over every
+split) and applies the training fraction, label noise and report control
+(`vkd_pyro.data.training_split`), and, for objectives that read the reports, runs the frozen text encoder once over every
 report (stored on disk, `vkd_pyro.data.text_store`). The result pairs each split's records with their
 token states (`vkd_pyro.data.batching.PairedSplit`) and carries one line per step for the log.
 """
@@ -18,8 +19,8 @@ from vkd_pyro.config import Config
 from vkd_pyro.data.batching import PairedSplit
 from vkd_pyro.data.card import dataset_card
 from vkd_pyro.data.registry import build_dataset
-from vkd_pyro.data.splits import dataset_splits, reduce_train
 from vkd_pyro.data.text_store import TextFeatureStore
+from vkd_pyro.data.training_split import training_splits
 from vkd_pyro.encoders.text import FrozenTextEncoder
 
 
@@ -46,13 +47,10 @@ def prepare_data(config: Config, with_reports: bool, device: Optional[torch.devi
     `Objective.reads_reports`) the frozen report states, encoded once on `device` (the run's;
     default the CPU) into the on-disk text feature store."""
     dataset = build_dataset(config, with_reports)
-    indices = dataset_splits(dataset, config.data.split, config.data.split_seed)  # official split if any
-    indices, fraction_note = reduce_train(indices, dataset.groups, config.data.train_fraction, config.data.split_seed)
+    indices, training_notes, entries = training_splits(dataset, config)  # official split if any
     notes = [f"{config.data.name}: {len(dataset)} records"
              + "".join(f"; {n} left out ({why})" for why, n in dataset.skipped.items() if n)
-             + "; split " + " / ".join(f"{name} {len(idx)}" for name, idx in indices.items())]
-    if config.data.train_fraction < 1:
-        notes.append(fraction_note)
+             + "; split " + " / ".join(f"{name} {len(idx)}" for name, idx in indices.items())] + training_notes
     states, dims, identity = None, None, None
     if with_reports:
         encoder = FrozenTextEncoder(config.text_encoder.name)
@@ -67,4 +65,4 @@ def prepare_data(config: Config, with_reports: bool, device: Optional[torch.devi
                      f"(at most {config.text_encoder.max_tokens}); features ready in {time.perf_counter() - started:.1f} s"
                      + (f" ({encoded})" if encoded else ""))
     splits = {name: PairedSplit(dataset, idx, states) for name, idx in indices.items()}
-    return PreparedData(dataset, splits, dims, notes, dataset_card(dataset, indices, config), identity)
+    return PreparedData(dataset, splits, dims, notes, dataset_card(dataset, indices, config, entries=entries), identity)

@@ -77,13 +77,16 @@ def reduce_train(indices: dict[str, np.ndarray], groups: Sequence[str], fraction
 
 
 def split_record_ids(split) -> list[str]:
-    """The names of a split's records, in split order: the dataset's `csv["record"]` column when it
-    has one (an image id of the real datasets), else its groups (the report id of openi_phantom,
-    one record per report). `split` is a `vkd_pyro.data.batching.PairedSplit`."""
-    base = split.base
-    csv = getattr(base, "csv", None)
+    """The names of a split's records, in split order (:func:`record_names`); `split` is a
+    `vkd_pyro.data.batching.PairedSplit`."""
+    names = record_names(split.base)
+    return [names[int(i)] for i in split.indices]
+
+
+def record_names(dataset) -> list[str]:
+    """The name of each record of `dataset`: its `csv["record"]` column when it has one (an image id of
+    the real datasets), else its groups (the report id of openi_phantom, one record per report)."""
+    csv = getattr(dataset, "csv", None)
     if csv is not None and "record" in getattr(csv, "columns", ()):
-        names = csv["record"].to_numpy()
-    else:
-        names = np.asarray(base.groups, dtype=object)
-    return [str(names[int(i)]) for i in split.indices]
+        return [str(n) for n in csv["record"]]
+    return [str(g) for g in dataset.groups]

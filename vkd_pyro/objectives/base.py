@@ -122,6 +122,9 @@ class Objective:
         """ConfigError, one line naming the key, for settings this objective cannot honour; called
         before any data is read (the families' shapes are checked when the programs are built)."""
         inf = self.inference
+        if not self.reads_reports and self.config.data.report_control != "none":
+            raise ConfigError(f"data.report_control: objective {self.name} does not read the reports "
+                              f"({self.config.data.report_control} would change nothing it sees)")
         if not self.has_guide:
             if inf.free_bits > 0:
                 raise ConfigError(f"inference.free_bits: objective {self.name} has no KL term (no guide)")
