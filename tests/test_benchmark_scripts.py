@@ -82,16 +82,18 @@ def fake_sweep(root, name, quality, seeds=(0, 1), cells=((0.0, 1.0), (0.5, 0.3))
     from vkd_pyro.training.predictions import write_predictions
 
     aucs = {}
-    for d, f in cells:
+    for cell in cells:
+        d, r, f = cell if len(cell) == 3 else (cell[0], 0.0, cell[1])  # (d, f) or (d, label noise, f)
         labels = np.random.default_rng(7).random((60, len(CLASSES))) < 0.3  # the same test records everywhere
         for seed in seeds:
-            folder = root / name / "runs" / f"data.difficulty={d},data.train_fraction={f}-seed{seed}"
+            folder = root / name / "runs" / f"data.difficulty={d},data.label_noise={r},data.train_fraction={f}-seed{seed}"
             folder.mkdir(parents=True)
-            noise = np.random.default_rng([seed, int(quality * 100), int(d * 10)]).random(labels.shape)
+            noise = np.random.default_rng([seed, int(quality * 100), int(d * 10), int(r * 10)]).random(labels.shape)
             probs = np.clip(quality * labels + (1 - quality) * noise, 0, 1)
             macro = float(np.mean([roc_auc_score(labels[:, c], probs[:, c]) for c in range(len(CLASSES))]))
-            aucs[(d, f, seed)] = macro
-            (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": {"difficulty": d, "train_fraction": f}}))
+            aucs[(*cell, seed)] = macro
+            data = {"difficulty": d, "train_fraction": f, **({"label_noise": r} if len(cell) == 3 else {})}
+            (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "data": data}))
             metrics = {"macro_auc": macro, "val_macro_auc": macro - 0.01}
             if teacher is not None:
                 metrics["teacher"] = {"macro_auc": teacher, "nll": 2.5}
@@ -128,3 +130,33 @@ def test_regime_map_tabulates_the_differences_and_the_report_branch(tmp_path, mo
     assert vkd[3] == "2" and vkd[6:] == ["0.900 ± 0.000", "2.500 ± 0.000", "0.300 ± 0.000", "3.0 ± 0.0"]
     assert branch[2][9] == "7.0" and branch[0][6:] == ["-"] * 4  # image only has no teacher
     assert png.stat().st_size > 1000
+
+
+def test_regime_map_ii_reads_label_noise_controls_seed_ranges_and_levels(tmp_path, monkeypatch, capsys):
+    from benchmarks import regime_map
+
+    cells = ((0.5, 0.0, 0.3), (0.5, 0.4, 0.3))
+    base = fake_sweep(tmp_path, "image_only", 0.2, seeds=(0, 1, 2), cells=cells)
+    kd = fake_sweep(tmp_path, "kd", 0.5, seeds=(0, 1, 2), cells=cells)
+    taught = fake_sweep(tmp_path, "text_only", 0.6, seeds=(0, 1, 2), cells=cells, teacher=0.9)
+    shuffled = fake_sweep(tmp_path, "kd_shuffled", 0.3, seeds=(0, 1, 2), cells=cells[1:])
+    chance = fake_sweep(tmp_path, "text_only_shuffled", 0.1, seeds=(0, 1, 2), cells=cells[1:], teacher=0.55)
+    out = run(monkeypatch, capsys, regime_map, str(tmp_path), "--boot", "200", "--seeds", "1-2")
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| difficulty"))
+    assert header.startswith("| difficulty | label noise | train fraction | image only | KD (Hinton)")
+    assert "teacher (text only) AUC | teacher NLL" in header and "shuffled" not in header
+    wide = [line.strip("| ").split(" | ") for line in lines if line.startswith("| 0.5 |")][:2]
+    assert [row[:3] for row in wide] == [["0.5", "0", "0.3"], ["0.5", "0.4", "0.3"]]
+    expected = sum(kd[(*cells[1], s)] - base[(*cells[1], s)] for s in (1, 2)) / 2  # seeds 1 and 2 only
+    assert float(wide[1][5].split(" [")[0]) == pytest.approx(expected, abs=1e-3) and "(n=2)" in wide[1][5]
+    assert wide[1][6].startswith(f"{(taught[(*cells[1], 1)] + taught[(*cells[1], 2)]) / 2:.3f} ± ")
+    assert wide[1][7] == "2.500 ± 0.000"  # the text_only runs' own AUC and their teacher block's NLL
+    control = next(line.strip("| ").split(" | ") for line in lines if "| KD (Hinton) | shuffled |" in line)
+    assert control[:5] == ["0.5", "0.4", "0.3", "KD (Hinton)", "shuffled"]
+    to_true = sum(shuffled[(*cells[1], s)] - kd[(*cells[1], s)] for s in (1, 2)) / 2
+    assert float(control[7].split(" [")[0]) == pytest.approx(to_true, abs=1e-3)
+    assert control[8].startswith(f"{(chance[(*cells[1], 1)] + chance[(*cells[1], 2)]) / 2:.3f} ± ")
+    # a wider interval at a Bonferroni level
+    wider = run(monkeypatch, capsys, regime_map, str(tmp_path), "--boot", "400", "--level", str(1 - 0.05 / 18))
+    assert "99.72% CI" in wider
