@@ -22,20 +22,22 @@ fresh=(--seeds 10 seed=0 --grid data.train_fraction=0.1)
 "${vkd[@]}" "${fresh[@]}" --out "$out/fresh/kd" inference.objective=kd \
     "inference.kd.teacher=$out/fresh/text_only/runs/data.train_fraction={data.train_fraction}-seed{seed}"
 
-# 2. map II: label noise r x training fraction, 3 seeds; each KD run distils its own cell's teacher
-grid=(--seeds 3 --grid data.label_noise=0.0,0.2,0.4 --grid data.train_fraction=0.3,1.0)
+# 2. map II: label noise r x training fraction, 3 seeds; each KD run distils its own cell's teacher.
+# 3. the controls at r = 0.4: the teacher, VKD + remedy and KD with shuffled reports and with label lists.
+# One training fraction at a time (the cheaper 0.3 first), so that a stopped script leaves whole columns.
 cell='data.label_noise={data.label_noise},data.train_fraction={data.train_fraction}-seed{seed}'
-"${vkd[@]}" "${grid[@]}" --out "$out/image_only" inference.objective=image_only
-"${vkd[@]}" "${grid[@]}" --out "$out/text_only" "${teacher[@]}"
-"${vkd[@]}" "${grid[@]}" --out "$out/vkd" inference.objective=vkd
-"${vkd[@]}" "${grid[@]}" --out "$out/vkd_remedy" "${remedy[@]}"
-"${vkd[@]}" "${grid[@]}" --out "$out/kd" inference.objective=kd "inference.kd.teacher=$out/text_only/runs/$cell"
-
-# 3. the controls at r = 0.4: the teacher, VKD + remedy and KD with shuffled reports and with label lists
-controls=(--seeds 3 --grid data.label_noise=0.4 --grid data.train_fraction=0.3,1.0)
-for control in shuffled labels; do
-    "${vkd[@]}" "${controls[@]}" --out "$out/text_only_$control" "${teacher[@]}" "data.report_control=$control"
-    "${vkd[@]}" "${controls[@]}" --out "$out/vkd_remedy_$control" "${remedy[@]}" "data.report_control=$control"
-    "${vkd[@]}" "${controls[@]}" --out "$out/kd_$control" inference.objective=kd "data.report_control=$control" \
-        "inference.kd.teacher=$out/text_only_$control/runs/$cell"
+for fraction in 0.3 1.0; do
+    grid=(--seeds 3 --grid data.label_noise=0.0,0.2,0.4 --grid "data.train_fraction=$fraction")
+    "${vkd[@]}" "${grid[@]}" --out "$out/image_only" inference.objective=image_only
+    "${vkd[@]}" "${grid[@]}" --out "$out/text_only" "${teacher[@]}"
+    "${vkd[@]}" "${grid[@]}" --out "$out/kd" inference.objective=kd "inference.kd.teacher=$out/text_only/runs/$cell"
+    "${vkd[@]}" "${grid[@]}" --out "$out/vkd_remedy" "${remedy[@]}"
+    "${vkd[@]}" "${grid[@]}" --out "$out/vkd" inference.objective=vkd
+    controls=(--seeds 3 --grid data.label_noise=0.4 --grid "data.train_fraction=$fraction")
+    for control in shuffled labels; do
+        "${vkd[@]}" "${controls[@]}" --out "$out/text_only_$control" "${teacher[@]}" "data.report_control=$control"
+        "${vkd[@]}" "${controls[@]}" --out "$out/kd_$control" inference.objective=kd "data.report_control=$control" \
+            "inference.kd.teacher=$out/text_only_$control/runs/$cell"
+        "${vkd[@]}" "${controls[@]}" --out "$out/vkd_remedy_$control" "${remedy[@]}" "data.report_control=$control"
+    done
 done
