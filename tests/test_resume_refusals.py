@@ -19,10 +19,8 @@ import torch
 import yaml
 
 from tests.test_run_folder import snapshot
-from tests.tiny_runs import tiny_overrides
+from tests.tiny_runs import train_tiny_run
 from vkd_pyro.cli import main
-from vkd_pyro.config import config_from_dict
-from vkd_pyro.training.loop import fit
 from vkd_pyro.training.run_folder import RUN_FILE
 
 
@@ -34,10 +32,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished one-epoch tiny run."""
-    cache = tmp_path_factory.getbasetemp() / "objectives-cache"
-    folder = tmp_path_factory.mktemp("trained") / "run"
-    fit(config_from_dict({}, "tiny", tiny_overrides() + [f"cache_dir={cache}"]), folder, progress=False)
-    return folder
+    return train_tiny_run(tmp_path_factory, "objectives")
 
 
 @pytest.fixture

@@ -47,3 +47,15 @@ def tiny_overrides(changes: dict | None = None) -> list[str]:
     """`key=value` overrides of TINY_RUN with `changes` applied (a value None drops the key)."""
     values = {**TINY_RUN, **(changes or {})}
     return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
+def train_tiny_run(tmp_path_factory, name: str) -> Path:
+    """A finished one-epoch tiny run in a fresh temporary folder, its cache under the session's base
+    folder as `<name>-cache` (module-scoped fixtures train it once and hand out copies)."""
+    from vkd_pyro.config import config_from_dict
+    from vkd_pyro.training.loop import fit
+
+    cache = tmp_path_factory.getbasetemp() / f"{name}-cache"
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    fit(config_from_dict({}, "tiny", tiny_overrides() + [f"cache_dir={cache}"]), folder, progress=False)
+    return folder

@@ -65,6 +65,7 @@ from vkd_pyro.files import atomic_path, write_text
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.training.build import build_module, check_config, initial_module
 from vkd_pyro.training.checkpoint import load_resume_state
+from vkd_pyro.training.config_match import check_trained_with
 from vkd_pyro.training.device import resolve_device
 from vkd_pyro.training.distillation import soft_targets
 from vkd_pyro.training.distributed import say
@@ -377,7 +378,8 @@ def initial_weights(config: Config, dims: Optional[dict]) -> Weights:
 
 
 def trained_weights(run: str, checkpoint: str, trust_code: bool) -> Weights:
-    """The run's checkpoint.pt (`best`, through load_trained) or last.pt's `module` (`last`)."""
+    """The run's checkpoint.pt (`best`, through load_trained) or last.pt's `module` (`last`), each
+    refused when config.yaml was edited since (vkd_pyro.training.config_match)."""
     folder = Path(run)
     if checkpoint == "best":
         config, module, _ = load_trained(folder, "cpu", trust_code)
@@ -385,6 +387,7 @@ def trained_weights(run: str, checkpoint: str, trust_code: bool) -> Weights:
     config = read_run_config(folder, trust_code)
     state = load_resume_state(folder)
     check_loadable(folder, state)
+    check_trained_with(state["config"], config, folder / "last.pt", folder / "config.yaml")
     return Weights("trained", state["module"], config, str(folder / "last.pt"))
 
 

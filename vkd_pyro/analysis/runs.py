@@ -29,6 +29,7 @@ from vkd_pyro.objectives import Objective, objective_for
 from vkd_pyro.training.evaluate import evaluate_split, local_predictors, seeded
 from vkd_pyro.training.load import load_trained
 from vkd_pyro.training.loop import fit
+from vkd_pyro.training.memory import check_memory
 from vkd_pyro.training.run_folder import default_run_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom")
@@ -98,7 +99,10 @@ class Run:
 
         Anything else is refused in one line (UserError) naming the problem: integer or boolean images
         (scale them to [0, 1] floats, e.g. x.float() / 255), values outside [0, 1], NaN or infinite,
-        another size, an empty batch, a wrong number of dimensions or channels."""
+        another size, an empty batch, a wrong number of dimensions or channels; and so is a batch whose
+        images and samples would not fit in the memory available (vkd_pyro.training.memory)."""
+        samples_key = "samples" if samples is not None else "inference.test_samples"
+        batch_key = "batch_size" if batch_size is not None else "train.eval_batch_size"
         samples = _positive_int("samples", samples, self.config.inference.test_samples)
         batch_size = _positive_int("batch_size", batch_size, self.config.train.eval_batch_size)
         if self.objective.predicts_from != "images":
@@ -115,6 +119,7 @@ class Run:
                 raise UserError("images: an empty list; predict takes image files, folders or glob patterns")
             total = len(paths)
             chunks = (load_images(paths[i:i + batch_size], size) for i in range(0, total, batch_size))
+        check_memory(self.config, min(batch_size, total), samples, self.device, batch_key, samples_key)
         means, stds = [], []
         self.module.eval()
         with tqdm(total=total, desc="predict", unit="image", disable=not progress, file=sys.stderr) as bar:
@@ -134,11 +139,14 @@ class Run:
         The Monte Carlo draws are seeded by `seed`, the run's seed by default, as training seeds its
         test report: the run's split and S give metrics.json's figures exactly (on the device it was
         trained on; another seed gives fresh draws)."""
+        samples_key = "samples" if samples else "inference.test_samples"
         samples = samples or self.config.inference.test_samples
         objective = self.objective
         data = prepare_data(self.config, with_reports=objective.evaluation_reads_reports, device=self.device)
         if split not in data.splits:
             raise UserError(f"split {split!r}: not one of {', '.join(data.splits)}")
+        check_memory(self.config, min(self.config.train.eval_batch_size, len(data.splits[split])), samples,
+                     self.device, "train.eval_batch_size", samples_key)
         extra = {"best_epoch": self.checkpoint.get("epoch"), "val_macro_auc": self.checkpoint.get("val_macro_auc")}
         predictors = local_predictors(self.module, self.config, samples, self.device)
         with seeded(self.config.seed if seed is None else seed, self.device):

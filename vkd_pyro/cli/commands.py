@@ -5,13 +5,11 @@ status 2 (the exit statuses are listed there)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import pandas
-import torch
 
 from vkd_pyro.analysis.runs import expand_image_paths, load_run
 from vkd_pyro.classes import CLASSES
@@ -26,10 +24,9 @@ from vkd_pyro.objectives import objective_for
 from vkd_pyro.training.build import check_config
 from vkd_pyro.training.evaluate import local_predictors, report
 from vkd_pyro.training.loop import fit
+from vkd_pyro.training.memory import check_memory
 from vkd_pyro.training.resume import resume_config
 from vkd_pyro.training.run_folder import default_run_folder, folder_lock, read_record
-
-SAMPLE_FLOATS_SAFETY = 2  # temporaries beside the tensors counted in _check_sample_memory
 
 
 def _positive(value: Optional[int], name: str) -> None:
@@ -58,37 +55,6 @@ def cmd_train(args) -> None:
     fit(config, out, progress=progress, overwrite=args.overwrite, trust_code=args.trust_code)
 
 
-def _available_bytes(device: torch.device) -> int:
-    """Memory free for tensors now: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _check_sample_memory(config, samples: int, batch: int, device: torch.device) -> None:
-    """One line (UserError) when S prior samples for a batch of `batch` images would not fit in memory.
-
-    Algorithm 2 is vectorised over the samples: z (S, B, z), the classifier's input [z, x_I] (S, B, z + F),
-    its hidden layers (S, B, h) and the logits and probabilities (S, B, C) exist at once, 4 bytes a float,
-    times SAMPLE_FLOATS_SAFETY for temporaries.
-    """
-    m = config.model
-    floats = 2 * m.z_dim + config.image_encoder.out_features + sum(m.hidden) + 2 * len(CLASSES)
-    need = 4 * samples * batch * floats * SAMPLE_FLOATS_SAFETY
-    have = _available_bytes(device)
-    if need > have:
-        most = max(have // (4 * batch * floats * SAMPLE_FLOATS_SAFETY), 0)
-        raise UserError(f"--samples {samples}: a batch of {batch} images would need about {need / 2**30:,.1f} GiB "
-                        f"for the samples at once, and {device.type} has {have / 2**30:,.1f} GiB available; "
-                        f"lower --samples (at most about {most:,} here) or --batch-size")
-
-
 def cmd_evaluate(args) -> None:
     _positive(args.samples, "--samples")
     run = load_run(args.run, device=args.device, trust_code=args.trust_code)
@@ -98,7 +64,8 @@ def cmd_evaluate(args) -> None:
     if args.split not in data.splits or len(data.splits[args.split]) == 0:
         raise UserError(f"--split {args.split}: the run's dataset has no {args.split} records")
     batch = min(run.config.train.eval_batch_size, len(data.splits[args.split]))
-    _check_sample_memory(run.config, samples, batch, run.device)
+    check_memory(run.config, batch, samples, run.device, "train.eval_batch_size",
+                 "--samples" if args.samples else "inference.test_samples")
     record = read_record(Path(args.run))
     with folder_lock(args.run, create=False):  # no training writes the folder meanwhile
         report(objective, data, Path(args.run), args.split, samples,
@@ -113,7 +80,8 @@ def cmd_predict(args) -> None:
     run = load_run(args.run, device=args.device, trust_code=args.trust_code)
     samples = args.samples or run.config.inference.test_samples
     batch = min(args.batch_size or run.config.train.eval_batch_size, len(expand_image_paths(args.images)))
-    _check_sample_memory(run.config, samples, batch, run.device)
+    check_memory(run.config, batch, samples, run.device, "--batch-size" if args.batch_size else "train.eval_batch_size",
+                 "--samples" if args.samples else "inference.test_samples")
     prediction = run.predict(args.images, args.samples, args.batch_size, progress=sys.stderr.isatty())
     rows = prediction.rows()
     if args.csv:

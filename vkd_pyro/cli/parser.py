@@ -102,21 +102,24 @@ def _add_run_options(parser, seeds_help: str, out_help: str) -> None:
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides for every run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    launch = parser.add_argument_group("launching the runs")
+    launch = parser.add_argument_group(
+        "launching the runs", "An option the chosen launcher would ignore is refused. SIGINT or SIGTERM (with workers "
+        "or submitit jobs also SIGHUP) stops the runs, each writing its resume state; the same command again goes on.")
     launch.add_argument("--launcher", default="local", choices=["local", "submitit"],
                         help="local: on this machine (default); submitit: one cluster job per run (SLURM), "
                         "needs pip install vkd-pyro[cluster]")
-    launch.add_argument("--jobs", type=int, default=1, metavar="N",
+    launch.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="local: N runs side by side in worker processes, each with max(1, cores // N) "
                         "threads (default 1: one after another in this process)")
-    launch.add_argument("--slurm-partition", default=None, help="submitit: the partition")
+    launch.add_argument("--slurm-partition", default=None, help="submitit on SLURM: the partition")
     launch.add_argument("--slurm-time", default=None, metavar="TIME",
                         help="submitit: time limit per run, MINUTES, HH:MM:SS or D-HH:MM[:SS] (default 240 minutes)")
     launch.add_argument("--slurm-gpus", type=int, default=None, metavar="G", help="submitit: GPUs per run (default 0)")
     launch.add_argument("--slurm-cpus", type=int, default=None, metavar="C",
                         help="submitit: CPUs per run, also its threads (default: the cluster's)")
     launch.add_argument("--submitit-cluster", default=None, choices=["slurm", "local"],
-                        help="submitit: the executor (default: slurm where srun is found, else local)")
+                        help="submitit: the executor (default: slurm where srun is found; without SLURM, local must "
+                        "be asked for: it runs every run at once on this machine)")
 
 
 def add_analysis_commands(commands) -> None:

@@ -14,6 +14,8 @@ training, never mid-epoch. Its index and reason are stored beside the array
 (`<same name>.json`), so that a cached dataset reports the same bad files without decoding again.
 A cache entry that cannot be used (an unreadable or truncated .npy, a wrong shape or dtype, a
 missing or malformed .json) is decoded again and replaced, with a `CorruptCacheWarning` naming it.
+A full disk is an OSError naming the .npy before any image is decoded (its blocks are reserved
+first), and leaves neither the array nor its .json behind.
 """
 
 from __future__ import annotations
@@ -145,20 +147,37 @@ def load_or_decode(paths: Sequence[str], size: int, cache_dir: Optional[os.PathL
         _decode_into(images, bad, on_bad, jobs, workers, paths)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
-        # decoded straight into the temporary file; the .json (the bad files) lands before the array
-        with atomic_path(target, suffix=".npy") as tmp:
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-            _decode_into(images, bad, on_bad, jobs, workers, paths)
-            images.flush()
-            del images
-            write_json(target.with_suffix(".json"), {"format": CACHE_FORMAT, "size": size, "count": len(paths),
-                                                     "bad": bad})
+        meta = target.with_suffix(".json")
+        try:  # decoded straight into the temporary file; the .json (the bad files) lands before the array
+            with atomic_path(target, suffix=".npy") as tmp:
+                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+                _allocate(tmp)
+                _decode_into(images, bad, on_bad, jobs, workers, paths)
+                images.flush()
+                del images
+                write_json(meta, {"format": CACHE_FORMAT, "size": size, "count": len(paths), "bad": bad})
+        except BaseException:
+            meta.unlink(missing_ok=True)  # the array did not land: its record goes too
+            raise
         images = np.load(target, mmap_mode="r")
     if progress is not None:
         seconds = time.perf_counter() - started
         progress(f"{dataset}: decoded {len(paths)} image files at {size} px in {seconds:.1f} s "
                  f"({len(paths) / max(seconds, 1e-9):.0f} images/s)" + (f"; cached in {target}" if target else ""))
     return images
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the blocks of the whole file at `path` (a new memmap is a sparse file): a full disk
+    is then an OSError here, not a SIGBUS that ends the process at the first row written to a page
+    the file system cannot give. Where Python has no posix_fallocate (macOS), nothing is reserved."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _decode_into(images, bad, on_bad, jobs, workers, paths) -> None:

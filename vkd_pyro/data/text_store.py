@@ -10,7 +10,9 @@ One store folder per (encoder identity, max_tokens), `<cache_dir>/text/<sha256(i
 Writing appends chunks: the chunk's rows go to the end of `states.f16` (fsync'd), then a new index
 that includes them replaces the old one (atomically: `vkd_pyro.files.write_bytes`). An interrupted write
 therefore keeps every committed chunk; the rows it left past the committed end are cut off by the
-next writer, which encodes only the texts that are still missing. A store whose index cannot be
+next writer, which encodes only the texts that are still missing. A chunk the file system refuses
+(a full disk) is cut off at once and raises an OSError naming the file: the store is left as it was
+before the chunk, every file whole. A store whose index cannot be
 read or disagrees with its array (offsets not contiguous, array shorter than the index says) is
 rebuilt from scratch with a warning naming the bad file (the image caches' `CorruptCacheWarning`).
 Writers hold an exclusive lock on `lock` (fcntl), so two processes filling the same store do not
@@ -249,16 +251,29 @@ class TextFeatureStore:
         entries["key"] = [bytes.fromhex(k) for k in keys]
         entries["offset"] = start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
         entries["length"] = lengths
-        with open(self.array_path, "ab") as handle:
-            handle.truncate(start * self.row_bytes)  # cut off rows of an unfinished chunk
-            handle.seek(start * self.row_bytes)
-            handle.write(memoryview(block).cast("B"))
-            handle.flush()
-            os.fsync(handle.fileno())
         index = np.concatenate([self.index, entries])
-        write_bytes(self.index_path, _index_bytes(index))  # the commit
+        try:
+            with open(self.array_path, "ab") as handle:
+                handle.truncate(start * self.row_bytes)  # cut off rows of an unfinished chunk
+                handle.seek(start * self.row_bytes)
+                handle.write(memoryview(block).cast("B"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            write_bytes(self.index_path, _index_bytes(index))  # the commit
+        except OSError as exc:  # not committed (a full disk): the chunk's rows go, the store is as it was
+            self._cut(start)
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.array_path)) from exc
         self.index = index
         self._sorted = None
+
+    def _cut(self, rows: int) -> None:
+        """Cut `states.f16` to its first `rows` token rows (giving back the space of rows past them)."""
+        try:
+            os.truncate(self.array_path, rows * self.row_bytes)
+        except OSError:
+            pass  # the next writer cuts them (module docstring)
 
     def append(self, keys: Sequence[str], states: Sequence[np.ndarray | torch.Tensor]) -> None:
         """Add the records `keys` (hex, see entry_key) with token states (n_i, width) as one committed chunk.

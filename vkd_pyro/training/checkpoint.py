@@ -12,6 +12,10 @@ A run folder holds two:
   three); the batch order needs no generator state: it is a function of (seed, epoch)
   (vkd_pyro.data.sampling), and `step_in_epoch` says how many of that epoch's batches are done.
 
+Both carry `config`, the resolved config of the training that wrote them (`Config.to_dict()`: the
+config file, the overrides and every default): what `train --resume` and every reader of the weights
+compare with the folder's config.yaml (vkd_pyro.training.config_match).
+
 Both carry `run_id`, the id of the run that wrote them (vkd_pyro.training.run_folder): `save_atomic`
 adds it to every checkpoint written into a run folder that this process has open, and
 `load_resume_state` refuses a last.pt of another run than the one the folder's run.json names.

@@ -9,8 +9,9 @@ from vkd_pyro.config import Config, load_config
 from vkd_pyro.errors import UserError
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.objectives.resolve import check_trusted
-from vkd_pyro.training.build import build_module
+from vkd_pyro.training.build import build_module, check_config
 from vkd_pyro.training.checkpoint import load_checkpoint
+from vkd_pyro.training.config_match import check_trained_with
 from vkd_pyro.training.device import resolve_device
 from vkd_pyro.training.run_folder import check_loadable, read_record
 
@@ -33,8 +34,13 @@ def load_trained(folder, device: str = "cpu", trust_code: bool = False) -> tuple
 
     One-line UserError when the folder holds no checkpoint yet, when the weights and the config are
     not the same run's or another process is training it now
-    (vkd_pyro.training.run_folder.check_loadable), and when config.yaml names code by an import path
-    and `trust_code` is False (:func:`read_run_config`).
+    (vkd_pyro.training.run_folder.check_loadable), when config.yaml names code by an import path
+    and `trust_code` is False (:func:`read_run_config`), and when config.yaml differs from the config
+    checkpoint.pt was trained with outside the run-time keys
+    (vkd_pyro.training.config_match.check_trained_with; a checkpoint without a config, written before
+    checkpoints carried theirs, has nothing to compare and is loaded). The comparison comes after the
+    config's families and objective are resolved (`check_config`) and before the module is built:
+    nothing an edited config implies is allocated.
     """
     folder = Path(folder)
     config = read_run_config(folder, trust_code)
@@ -47,6 +53,8 @@ def load_trained(folder, device: str = "cpu", trust_code: bool = False) -> tuple
                         + " and has written no checkpoint.pt (it is written at the end of the first epoch)")
     checkpoint = load_checkpoint(folder / "checkpoint.pt")
     check_loadable(folder, checkpoint)
+    check_config(config)
+    check_trained_with(checkpoint.get("config"), config, folder / "checkpoint.pt", folder / "config.yaml")
     target = resolve_device(device)
     module = build_module(config, checkpoint.get("text_dims"))
     try:

@@ -7,20 +7,24 @@ the checkpoint with the best validation macro AUC, then evaluates the test split
 
 The loop survives faults and uses the hardware: the batch order is a function of (seed, epoch)
 (vkd_pyro.data.sampling), so a resumed run continues from last.pt at the exact step of the epoch
-(vkd_pyro.training.resume); SIGINT/SIGTERM write last.pt and raise `Interrupted`; a NaN or infinite
-loss term raises `TrainingDiverged` naming the step and the term (vkd_pyro.training.stops: noted
-without a per-step GPU sync); under torchrun the module is wrapped in DistributedDataParallel
-(vkd_pyro.training.distributed).
+(vkd_pyro.training.resume); SIGINT/SIGTERM in the loop write last.pt and raise `Interrupted`, and
+anywhere else in the run (claiming the folder, preparing the data, the test report) raise it too,
+config.yaml being written as soon as the folder is claimed, so that `--resume` always works (with no
+last.pt yet, from the beginning); a NaN or infinite loss term raises `TrainingDiverged` naming the
+step and the term (vkd_pyro.training.stops: noted without a per-step GPU sync); under torchrun the
+module is wrapped in DistributedDataParallel (vkd_pyro.training.distributed).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shlex
 import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +43,7 @@ from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.sampling import ResumableBatchSampler, drop_undersized, epoch_batches, epoch_generator
 from vkd_pyro.data.splits import split_label_mask
 from vkd_pyro.errors import Interrupted, TrainingDiverged, UserError
+from vkd_pyro.files import WRITE_REFUSED
 from vkd_pyro.inference.module import VKDModule
 from vkd_pyro.inference.schedules import KLSchedule
 from vkd_pyro.inference.terms import StepTerms
@@ -50,6 +55,7 @@ from vkd_pyro.training.distillation import check_teacher, soft_targets
 from vkd_pyro.training.distributed import say
 from vkd_pyro.training.evaluate import auc_metrics, predict_split, report, teacher_split
 from vkd_pyro.training.logger import TrainingLogger
+from vkd_pyro.training.memory import check_memory
 from vkd_pyro.training.provenance import as_comment, provenance
 from vkd_pyro.training.resume import (
     RANK_SEED_STRIDE,
@@ -59,10 +65,14 @@ from vkd_pyro.training.resume import (
     restore_rng,
     resume_check,
     save_resume,
+    starts_over,
     write_history,
 )
-from vkd_pyro.training.run_folder import check_writable, open_run, stamp_metrics
+from vkd_pyro.training.run_folder import add_note, check_writable, open_run, open_run_id, stamp_metrics
 from vkd_pyro.training.stops import FiniteWatch, SignalFlag, agreed_signal
+
+# config.yaml's comment until the data is prepared (then: vkd_pyro.training.provenance.as_comment).
+STARTED = "# the run's config, written when it started; what produced it follows once its data is ready\n"
 
 
 def train_loader(split: PairedSplit, config: Config, epoch: int, start: int = 0,
@@ -149,9 +159,12 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     interrupted and resumed run ends with the same history and metrics as an uninterrupted one.
 
     Under torchrun (WORLD_SIZE > 1) each process trains on its share of every global batch through
-    DistributedDataParallel; only rank 0 writes files (and holds the folder). SIGINT/SIGTERM write
-    last.pt and raise :class:`~vkd_pyro.errors.Interrupted`; a NaN or infinite loss term raises
-    :class:`~vkd_pyro.errors.TrainingDiverged` and leaves the checkpoints as they were.
+    DistributedDataParallel; only rank 0 writes files (and holds the folder). SIGINT/SIGTERM raise
+    :class:`~vkd_pyro.errors.Interrupted` (in the loop after writing last.pt; before it, with
+    config.yaml written, so that `--resume` starts the run from the beginning); a NaN or infinite loss
+    term raises :class:`~vkd_pyro.errors.TrainingDiverged` and leaves the checkpoints as they were. A
+    write the file system refuses (a full disk) is an OSError naming the file, noted with the command
+    that continues the run.
 
     A resume is checked before the folder is written (`vkd_pyro.training.resume.resume_check`): a
     refusal (a damaged last.pt, a config.yaml that no longer matches the weights) leaves every file
@@ -165,40 +178,63 @@ def fit(config: Config, out_dir: Path, progress: Optional[bool] = None, resume: 
     check_writable(config.resolved_cache_dir(), "cache_dir")
     out_dir = Path(out_dir)
     ctx, device = distributed.init_from_env(resolve_device(config.device))
+    # the validation and test reports run Algorithm 2 on batches of train.eval_batch_size with S samples
+    check_memory(config, config.train.eval_batch_size, config.inference.test_samples, device,
+                 "train.eval_batch_size", "inference.test_samples")
     try:
         with ExitStack() as stack:
-            refusal = done = None
-            if ctx.is_main:
-                try:  # a resume is checked (last.pt, config.yaml) before the folder is written
-                    check = (lambda: resume_check(out_dir, config)) if resume else None
-                    run = stack.enter_context(open_run(out_dir, "resume" if resume else
-                                                       "overwrite" if overwrite else "new", check))
-                    done = run.nothing_to_do
-                except UserError as exc:
-                    refusal = str(exc)
-            outcomes = distributed.all_gather_objects((refusal, done))
-            refusal = next((r for r, _ in outcomes if r), None)
-            if refusal:  # every process stops alike
-                raise UserError(refusal)
-            done = next((d for _, d in outcomes if d), None)
+            stop = stack.enter_context(SignalFlag(partial(_interrupted, out_dir)))
+            with stop.deferred():  # the folder is claimed and config.yaml written whatever arrives meanwhile
+                refusal = done = None
+                if ctx.is_main:
+                    try:  # a resume is checked (last.pt, config.yaml) before the folder is written
+                        check = (lambda: resume_check(out_dir, config)) if resume else None
+                        run = stack.enter_context(open_run(out_dir, "resume" if resume else
+                                                           "overwrite" if overwrite else "new", check))
+                        done = run.nothing_to_do
+                    except UserError as exc:
+                        refusal = str(exc)
+                outcomes = distributed.all_gather_objects((refusal, done))
+                refusal = next((r for r, _ in outcomes if r), None)
+                if refusal:  # every process stops alike
+                    raise UserError(refusal)
+                done = next((d for _, d in outcomes if d), None)
+                if ctx.is_main and not resume:  # from now on, `--resume` finds the run's config
+                    save_config(config, out_dir / "config.yaml", STARTED)
             if done:  # a finished run: nothing is written
                 say(done)
                 metrics = out_dir / "metrics.json"
                 return json.loads(metrics.read_text()) if ctx.is_main else {}
-            # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
-            stack.enter_context(pyro.validation_enabled(False))
-            stack.enter_context(_run_log(out_dir, ctx))
-            trainer = Trainer(config, out_dir, ctx, device, progress, resume, objective, trust_code)
-            warn_undefined_auc(trainer.data.splits["validation"], config)
-            if ctx.is_main:
-                run.training = True  # a failure from here on is the run's (before: the folder is put back)
-            result = trainer.fit()
-            if ctx.is_main:
-                stamp_metrics(out_dir, run.run_id)
-                run.finish()
+            try:
+                # Pyro's argument checks read values back to the host at every step (a GPU sync): off.
+                stack.enter_context(pyro.validation_enabled(False))
+                stack.enter_context(_run_log(out_dir, ctx))
+                trainer = Trainer(config, out_dir, ctx, device, progress, resume, objective, trust_code, stop=stop)
+                warn_undefined_auc(trainer.data.splits["validation"], config)
+                if ctx.is_main:
+                    run.training = True  # a failure from here on is the run's (before: the folder is put back)
+                result = trainer.fit()
+                if ctx.is_main:
+                    stamp_metrics(out_dir, run.run_id)
+                    run.finish()
+            except OSError as exc:
+                if exc.errno in WRITE_REFUSED and exc.filename is not None:
+                    fix = "make room" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+                    add_note(exc, f"{fix}, then continue the run with: vkd-pyro train --resume "
+                                  f"{shlex.quote(str(out_dir))}")
+                raise
             return {**result, "run_id": run.run_id} if ctx.is_main else result
     finally:
         distributed.shutdown()
+
+
+def _interrupted(out_dir: Path, signum: int) -> Interrupted:
+    """What a signal raises outside the training loop (vkd_pyro.training.stops): the line with the
+    command that resumes the run, and where it goes on from."""
+    goes_on = ("it goes on from its last.pt" if (out_dir / "last.pt").is_file()
+               else "no checkpoint yet: it starts from the beginning")
+    return Interrupted(f"interrupted by {signal.Signals(signum).name} ({goes_on}); resume with: "
+                       f"vkd-pyro train --resume {shlex.quote(str(out_dir))}", signum)
 
 
 @contextmanager
@@ -221,14 +257,17 @@ class Trainer:
     """
 
     def __init__(self, config: Config, out_dir: Path, ctx: distributed.DistContext, device: torch.device,
-                 progress: Optional[bool] = None, resume: bool = False, objective=None, trust_code: bool = False):
+                 progress: Optional[bool] = None, resume: bool = False, objective=None, trust_code: bool = False,
+                 *, stop: SignalFlag):
         self.started = time.perf_counter()
         self.config, self.out_dir, self.ctx, self.device = config, out_dir, ctx, device
         self.objective = objective or check_config(config)
         self.trust_code = trust_code  # a kd teacher that names code by an import path may run it
         self.terms = self.objective.terms
         self.term_names = tuple(t.name for t in self.terms)
-        self.state = load_resume_state(out_dir) if resume else None
+        self.state = load_resume_state(out_dir) if resume and not starts_over(out_dir) else None
+        if resume and self.state is None:  # stopped before its first checkpoint
+            say(f"{out_dir}: no resume state yet: training run {open_run_id(out_dir)} from the beginning")
         self.paths = {"history": out_dir / "history.csv", "last": out_dir / "last.pt",
                       "best": out_dir / "checkpoint.pt"}
         tr = config.train
@@ -258,7 +297,7 @@ class Trainer:
         self.watch = FiniteWatch(device, self.terms, self.loop.global_step)
         self.step = TrainStep(self.net, self.module, self.optimizer, tr.grad_clip, ctx)
         self.saved_at = self.started if self.state is None else time.perf_counter()
-        self.stop = SignalFlag()
+        self.stop = stop
         self.bar = None
 
     def _prepare_data(self):
@@ -306,7 +345,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        with self.stop:
+        with self.stop.deferred():  # a signal is acted on at the next sync point (`_check`)
             while not self.loop.finished and self.loop.epoch <= self.config.train.max_epochs:
                 epoch_start = time.perf_counter()
                 self._train_epoch()

@@ -31,8 +31,9 @@ from vkd_pyro.training.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
+from vkd_pyro.training.config_match import RUN_TIME_KEYS, check_trained_with
 from vkd_pyro.training.distributed import say
-from vkd_pyro.training.run_folder import RUN_FILE, flatten, read_record
+from vkd_pyro.training.run_folder import RUN_FILE, read_record
 
 RANK_SEED_STRIDE = 7919  # seeds of the processes > 0: seed + stride * rank
 
@@ -55,16 +56,9 @@ class LoopState:
     saved: Optional[str] = None  # what last.pt holds, for messages
 
 
-# Keys that `train --resume DIR key=value` may change: none changes the model, the data, the batch
-# order or the random draws of the run.
-RESUME_OVERRIDABLE = ("device", "cache_dir", "data.num_workers", "train.max_epochs", "train.patience",
-                      "train.progress", "train.tensorboard", "train.eval_batch_size", "train.lr", "train.grad_clip",
-                      "train.amp", "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
-                      "train.sync_batchnorm", "image_encoder.channels_last")
-
-
 def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
-    """The config of the run in `run_dir` (its config.yaml) with `overrides` of RESUME_OVERRIDABLE keys.
+    """The config of the run in `run_dir` (its config.yaml) with `overrides` of run-time keys
+    (vkd_pyro.training.config_match.RUN_TIME_KEYS).
 
     `train.stop_after_steps` (a debug interruption) is not carried over unless given again. A prior,
     guide or objective named by an import path is refused unless `trust_code`
@@ -76,9 +70,9 @@ def resume_config(run_dir, overrides=(), trust_code: bool = False) -> Config:
     given = set()
     for text in overrides:
         key, _ = parse_override(text)
-        if key not in RESUME_OVERRIDABLE:
+        if key not in RUN_TIME_KEYS:
             raise UserError(f"{key}: cannot be changed when resuming (it would change the model, the data or the "
-                            f"batch order); resumable keys: {', '.join(RESUME_OVERRIDABLE)}")
+                            f"batch order); resumable keys: {', '.join(RUN_TIME_KEYS)}")
         given.add(key)
     config = load_config(run_dir / "config.yaml", overrides)
     check_trusted(config, str(run_dir / "config.yaml"), trust_code)
@@ -95,13 +89,24 @@ def trains_on(state: dict, config: Config) -> bool:
     return not state.get("stopped_early") and int(state["epoch"]) <= config.train.max_epochs
 
 
+def starts_over(run_dir: Path) -> bool:
+    """Whether `train --resume` starts the run in `run_dir` from the beginning, keeping its run id:
+    run.json names a run that is not finished and no last.pt was written yet (it stopped before its
+    first checkpoint: a signal, a full disk, a crash); its config is config.yaml, written when it started."""
+    record = read_record(run_dir)
+    return record is not None and record.get("status") != "finished" and not (run_dir / "last.pt").exists()
+
+
 def resume_check(run_dir, config: Config) -> Optional[str]:
     """What `train --resume` checks under the folder's lock before it writes anything
     (vkd_pyro.training.run_folder.open_run): UserError (one line) when last.pt is unreadable, is
     another run's, or was trained with another config than `config` (config.yaml and the resume
-    overrides) in a key outside RESUME_OVERRIDABLE; the line saying so when the run is finished and
-    `config` gives it nothing more to do (None when it trains on, or its test report is missing)."""
+    overrides) outside the run-time keys (vkd_pyro.training.config_match.check_trained_with); the line
+    saying so when the run is finished and `config` gives it nothing more to do (None when it trains
+    on, or its test report is missing)."""
     run_dir = Path(run_dir)
+    if starts_over(run_dir):  # nothing to check against: the run trains from the beginning
+        return None
     state = load_resume_state(run_dir)
     record = read_record(run_dir)
     found = state.get("run_id")
@@ -110,13 +115,7 @@ def resume_check(run_dir, config: Config) -> Optional[str]:
                         f"{record['run_id']}; it cannot continue this run")
     if not isinstance(state["config"], dict):
         raise UserError(f"{run_dir / 'last.pt'}: not a vkd-pyro resume state (its config is not a mapping)")
-    there, now = flatten(state["config"]), flatten(config.to_dict())
-    differ = [f"{key}: {there[key]} in last.pt, {now[key]} in config.yaml" for key in sorted(set(there) & set(now))
-              if there[key] != now[key] and key not in RESUME_OVERRIDABLE]
-    if differ:
-        shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
-        raise UserError(f"{run_dir / 'config.yaml'}: does not match the weights in {run_dir / 'last.pt'} ({shown}); "
-                        "put config.yaml back, or train the changed config into a new folder")
+    check_trained_with(state["config"], config, run_dir / "last.pt", run_dir / "config.yaml")
     if trains_on(state, config) or record is None or record.get("status") != "finished" or \
             not (run_dir / "metrics.json").is_file():
         return None

@@ -17,7 +17,10 @@ The contract:
   (:func:`vkd_pyro.files.remove_stale_temporaries`).
 - **run.json**: `{"run_id", "status", "reason", "started", "updated", "ended", "pid", "host",
   "resumed"}`; status `running`, then `finished`, `interrupted` (SIGINT/SIGTERM), or `failed` with
-  the reason (the error's one line). `run_id` is a uuid4 hex, kept when the run is resumed.
+  the reason (the error's one line; for a write the file system refused, the file and why). A
+  finished run stays finished, whatever stops the process after. Where run.json itself cannot be
+  written (a full disk), the error gets a note saying so (:func:`add_note`). `run_id` is a uuid4 hex,
+  kept when the run is resumed.
 - **A refused resume changes nothing.** `resume` checks the folder (`check`, under the lock) before
   run.json says `running`: a refusal there writes nothing, and a run with nothing left to do is left
   as it is. A resume that fails before its first training step (`RunFolder.training` still False)
@@ -149,8 +152,11 @@ def folder_lock(folder: os.PathLike, create: bool = True) -> Iterator[None]:
                 raise _os_error(path, exc, "cannot lock the run folder") from None
             raise UserError(f"{folder}: another process is writing this run folder ({_holder(path)}); "
                             "wait for it to end, or use another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {_now()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {_now()}\n".encode(), 0)
+        except OSError as exc:
+            raise _os_error(path, exc, "cannot write the lock file") from None
         _probe(folder)
         try:
             yield
@@ -229,9 +235,10 @@ class RunFolder:
         return self.record["run_id"]
 
     def _write(self, status: str, reason: Optional[str] = None) -> None:
-        self.record.update(status=status, reason=reason, updated=_now(),
-                           ended=_now() if status != "running" else None)
-        write_json(self.folder / RUN_FILE, self.record)
+        record = {**self.record, "status": status, "reason": reason, "updated": _now(),
+                  "ended": _now() if status != "running" else None}
+        write_json(self.folder / RUN_FILE, record)
+        self.record = record  # what run.json says
 
     def finish(self) -> None:
         self._write("finished")
@@ -305,22 +312,47 @@ def open_run(folder: os.PathLike, mode: str = "new", check: Optional[Callable[[]
         try:
             yield run
         except BaseException as exc:
-            if kept is not None and not run.training:  # refused before its first step: the run is as it was
-                _put_back(folder, kept)
-            elif isinstance(exc, Interrupted):
-                run._write("interrupted", str(exc))
-            elif isinstance(exc, KeyboardInterrupt):
-                run._write("interrupted", "KeyboardInterrupt")
-            else:
-                reason = (str(exc).splitlines() or [""])[0]
-                kind = "diverged" if isinstance(exc, TrainingDiverged) else type(exc).__name__
-                run._write("failed", f"{kind}: {reason}")
+            try:
+                _record_end(run, exc, kept)
+            except OSError as lost:  # a full disk may refuse run.json too: the error line says so
+                add_note(exc, f"{lost.filename or folder / RUN_FILE}: could not be written either "
+                          f"({lost.strerror or type(lost).__name__}); it still says {run.record['status']}")
             raise
         else:
             if run.record["status"] == "running":  # left without finish(): a rank > 0 or an early return
                 run._write("interrupted", "ended before the test report")
         finally:
             _OPEN.pop(key, None)
+
+
+def _record_end(run: RunFolder, exc: BaseException, kept: Optional[dict]) -> None:
+    """How the block of `open_run` ended, in run.json (see open_run); a finished run stays finished."""
+    if kept is not None and not run.training:  # refused before its first step: the run is as it was
+        _put_back(run.folder, kept)
+    elif run.record["status"] == "finished":  # its files are whole: what came after changes nothing
+        return
+    elif isinstance(exc, Interrupted):
+        run._write("interrupted", str(exc))
+    elif isinstance(exc, KeyboardInterrupt):
+        run._write("interrupted", "KeyboardInterrupt")
+    else:
+        run._write("failed", reason(exc))
+
+
+def reason(exc: BaseException) -> str:
+    """An error as run.json's reason: its kind and first line (an OSError: the file and what the
+    file system said)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or 'not written'}"
+    else:
+        text = (str(exc).splitlines() or [""])[0]
+    return f"{'diverged' if isinstance(exc, TrainingDiverged) else type(exc).__name__}: {text}"
+
+
+def add_note(exc: BaseException, line: str) -> None:
+    """Add `line` to the notes of `exc` (Python 3.11's `add_note`, kept by hand for 3.10): the
+    command line prints them after its one-line message, separated by '; '."""
+    exc.__notes__ = [*getattr(exc, "__notes__", []), line]
 
 
 def check_loadable(folder: Path, checkpoint: dict) -> Optional[dict]:
