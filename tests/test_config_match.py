@@ -78,7 +78,7 @@ EDITS = {
 
 
 @pytest.mark.parametrize("key, value", [("device", "auto"), ("data.num_workers", 3), ("train.eval_batch_size", 7),
-                                        ("train.max_epochs", 9)])
+                                        ("train.max_epochs", 9), ("data.root", "/data/moved/openi")])
 def test_run_time_keys_are_not_differences(key, value):
     base = config_from_dict({}).to_dict()
     changed = config_from_dict({}, overrides=[f"{key}={value}"]).to_dict()

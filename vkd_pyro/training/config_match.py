@@ -18,12 +18,13 @@ from vkd_pyro.errors import UserError
 from vkd_pyro.training.run_folder import flatten
 
 # The run-time keys: where and how visibly a run computes (device, cache_dir, data.num_workers, the
-# evaluation batch, progress and logging), and what `train --resume DIR key=value` may change without
+# evaluation batch, progress and logging), where its data lives (data.root, data.reports: a dataset
+# moved to another machine or folder is the same dataset; the files themselves are not fingerprinted), and what `train --resume DIR key=value` may change without
 # changing the model, the data, the batch order or the random draws (train.max_epochs, train.lr, ...).
 # They are the only keys in which config.yaml may differ from the config of the weights: a resumed
 # run rewrites config.yaml with them while its checkpoint.pt may be from before the resume.
-RUN_TIME_KEYS = ("device", "cache_dir", "data.num_workers", "train.max_epochs", "train.patience",
-                 "train.progress", "train.tensorboard", "train.eval_batch_size", "train.lr", "train.grad_clip",
+RUN_TIME_KEYS = ("device", "cache_dir", "data.root", "data.reports", "data.num_workers", "train.max_epochs",
+                 "train.patience", "train.progress", "train.tensorboard", "train.eval_batch_size", "train.lr", "train.grad_clip",
                  "train.amp", "train.log_every", "train.checkpoint_every", "train.stop_after_steps",
                  "train.sync_batchnorm", "image_encoder.channels_last")
 
