@@ -285,3 +285,22 @@ def test_predict_csv_into_a_missing_folder_or_onto_a_folder(finished, tmp_path, 
     code, _, err = cli(["predict", "--run", finished, image, "--csv", tmp_path], capsys)
     assert code == 2 and one_line(err) == f"{tmp_path}: is a folder, not a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_a_run_log_that_cannot_be_written_is_one_warning_and_the_console_goes_on(tmp_path, capsys):
+    from vkd_pyro import logs
+
+    with logs.run_log(tmp_path) as path:
+        handler = next(h for h in logs.LOGGER.handlers if getattr(h, "baseFilename", None) == str(path))
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handler.stream.write = full
+        logs.info("first line")
+        logs.info("second line")
+    captured = capsys.readouterr()
+    assert captured.out == "first line\nsecond line\n"
+    assert captured.err == (f"vkd-pyro: warning: {path}: could not be written (No space left on device); "
+                            "the log goes on on the console only\n")
+    assert handler not in logs.LOGGER.handlers

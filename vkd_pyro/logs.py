@@ -53,11 +53,26 @@ def warning(message: str) -> None:
     _console().warning(message)
 
 
+class _RunLogFile(logging.FileHandler):
+    """run.log: a record it cannot write (a full disk) stops the file, not the run. The first failure
+    prints one line naming the file to standard error (instead of logging's traceback) and removes the
+    handler; the console goes on, and a failed checkpoint write fails the run in its own words."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        LOGGER.removeHandler(self)
+        print(f"vkd-pyro: warning: {self.baseFilename}: could not be written ({error.strerror or error}); "
+              "the log goes on on the console only", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def run_log(folder: Path) -> Iterator[Path]:
     """Append every record to `<folder>/run.log` while the block runs."""
     path = Path(folder) / "run.log"
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _RunLogFile(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     _console().addHandler(handler)
     try:
