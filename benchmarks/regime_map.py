@@ -226,6 +226,10 @@ def print_controls(sweeps: dict, controls: list, cells: list, cell_head: list, c
 
 
 def label(name: str) -> str:
+    """The objective's name in tables and figures; a control's: "KD (Hinton), shuffled reports"."""
+    objective, _, control = name.rpartition("_")
+    if control in CONTROLS and objective:
+        return f"{label(objective)}, {control} reports"
     return LABELS.get(name, name)
 
 
