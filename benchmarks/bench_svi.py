@@ -24,8 +24,10 @@ with Pyro's plain `Trace_ELBO(num_particles=L, vectorize_particles=L > 1, max_pl
 .differentiable_loss` on `module.batch_args(batch, beta)`, divided by the batch size, then the same
 zero_grad, backward, gradient norm and Adam, with Pyro's validation off: no term record, no
 VKDModule.forward, no TrainStep. Columns `bare ms`, `Pyro/bare` (what vkd-pyro adds on top of Pyro:
-the term record, the module and the training step) and `bare/PyTorch` (what Pyro itself costs over
-the hand-written loss); Pyro/PyTorch = Pyro/bare x bare/PyTorch.
+the term record, the module and the training step; the median over rounds of the ratio of the two
+steps timed back to back in the same round, with its 95% bootstrap interval over the rounds) and
+`bare/PyTorch` (what Pyro itself costs over the hand-written loss); Pyro/PyTorch is about
+Pyro/bare x bare/PyTorch.
 
 `--whole-step` times, instead of the table, the demo configuration's whole training step, image and
 text encoders included, on synthetic inputs of the demo's shapes: the module that
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,7 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pyro.infer import Trace_ELBO  # noqa: E402
 
-from benchmarks.common import cached_batch, machine, median_step_ms, timing_parser, vkd_module  # noqa: E402
+from benchmarks.common import cached_batch, machine, paired_ratio, step_times, timing_parser, vkd_module  # noqa: E402
 from vkd_pyro.classes import NUM_CLASSES  # noqa: E402
 from vkd_pyro.config import load_config  # noqa: E402
 from vkd_pyro.data.batching import Batch  # noqa: E402
@@ -153,11 +156,20 @@ def bare_stepper(module, optimizer, batch, beta: float, particles: int):
     return run
 
 
-BARE_HEADER = f" {'bare ms':>8} {'Pyro/bare':>10} {'bare/PyTorch':>13}"
+BARE_HEADER = f" {'bare ms':>8} {'Pyro/bare [95% CI]':>24} {'bare/PyTorch':>13}"
 
 
-def bare_columns(ms: dict) -> str:
-    return f" {ms['bare']:>8.2f} {ms['pyro'] / ms['bare']:>10.3f} {ms['bare'] / ms['torch']:>13.3f}"
+def medians(times: dict) -> dict:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bare_columns(times: dict) -> str:
+    """bare ms, vkd-pyro's share (Pyro/bare: the median of the per-round ratios, paired rounds, with
+    its bootstrap interval) and Pyro's (bare/PyTorch, the ratio of the medians)."""
+    ms = medians(times)
+    share, low, high = paired_ratio(times["pyro"], times["bare"])
+    interval = f"{share:.3f} [{low:.3f}, {high:.3f}]"
+    return f" {ms['bare']:>8.2f} {interval:>24} {ms['bare'] / ms['torch']:>13.3f}"
 
 
 def demo_batch(config, tokens: int = DEMO_TOKENS, width: int = DEMO_TEXT_DIMS["hidden_size"],
@@ -210,9 +222,10 @@ def whole_step(args) -> None:
     label = f"whole demo step (L = M = {L})" if L == M else f"whole demo step (L = {L}, M = {M})"
     header = f"{'':<{len(label)}} {'Pyro ms':>9} {'PyTorch ms':>11} {'ratio':>7}"
     print(header + (BARE_HEADER if args.bare else ""))
-    ms = median_step_ms(steps, args.warmup, args.rounds, args.per_round)
+    times = step_times(steps, args.warmup, args.rounds, args.per_round)
+    ms = medians(times)
     line = f"{label} {ms['pyro']:>9.2f} {ms['torch']:>11.2f} {ms['pyro'] / ms['torch']:>7.3f}"
-    print(line + (bare_columns(ms) if args.bare else ""), flush=True)
+    print(line + (bare_columns(times) if args.bare else ""), flush=True)
 
 
 def main() -> None:
@@ -266,11 +279,12 @@ def main() -> None:
             steps["pyro unfused"] = pyro_stepper(loop_step, batch, beta)
             steps["torch unfused"] = hand_stepper(loop_hand, torch.optim.Adam(loop_hand.parameters(), lr=1e-4),
                                                   batch, beta, particles)
-        ms = median_step_ms(steps, args.warmup, args.rounds, args.per_round)
+        times = step_times(steps, args.warmup, args.rounds, args.per_round)
+        ms = medians(times)
         line = (f"{particles:>6} {ms['pyro']:>9.2f} {ms['eager']:>14.2f} {ms['torch']:>11.2f} "
                 f"{ms['pyro'] / ms['torch']:>7.3f} {ms['eager'] / ms['torch']:>12.3f}")
         if args.bare:
-            line += bare_columns(ms)
+            line += bare_columns(times)
         if args.validation:
             line += f" {ms['validated']:>19.2f}"
         if args.unfused:

@@ -74,9 +74,10 @@ def cached_batch(seed: int = 0, batch: int = BATCH) -> Batch:
                  token_mask=torch.ones(batch, 1, dtype=torch.bool))
 
 
-def median_step_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, per_round: int) -> dict:
-    """Median wall time (ms) of one call of each function. The functions are timed in turns, a
-    round of `per_round` calls each, so that load from other processes hits them alike."""
+def step_times(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, per_round: int) -> dict:
+    """Wall time (ms) of one call of each function, one value a round. The functions are timed in
+    turns, a round of `per_round` calls each, so that load from other processes hits them alike
+    (and round r of one function can be paired with round r of another: :func:`paired_ratio`)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -87,7 +88,23 @@ def median_step_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: in
             for _ in range(per_round):
                 fn()
             times[name].append((time.perf_counter() - start) / per_round * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def median_step_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, per_round: int) -> dict:
+    """Median wall time (ms) of one call of each function over the rounds of :func:`step_times`."""
+    return {name: statistics.median(values) for name, values in step_times(steps, warmup, rounds, per_round).items()}
+
+
+def paired_ratio(numerator: list, denominator: list, replicates: int = 2000, seed: int = 0) -> tuple:
+    """The median over rounds of the per-round ratio numerator[r] / denominator[r] (two functions
+    timed back to back in the same round), and its 95% bootstrap interval (percentile, rounds resampled
+    with replacement): (median, low, high)."""
+    ratios = torch.tensor(numerator, dtype=torch.float64) / torch.tensor(denominator, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    draws = ratios[torch.randint(len(ratios), (replicates, len(ratios)), generator=g)].median(dim=1).values
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return statistics.median(ratios.tolist()), low, high
 
 
 def machine() -> str:

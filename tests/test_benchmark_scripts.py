@@ -43,14 +43,16 @@ def test_svi_and_particle_benchmarks_print_their_tables(monkeypatch, capsys):
     assert "ratio unfused" in out and len(row) == 9 and all(float(x) > 0 for x in row[1:])
     out = run(monkeypatch, capsys, bench_svi, "--rounds", "1", "--per-round", "1", "--warmup", "0",
               "--particles", "2", "--threads", "1", "--bare")
-    row = out.strip().splitlines()[-1].split()
-    assert "bare/PyTorch" in out and row[0] == "2" and len(row) == 9 and all(float(x) > 0 for x in row[1:])
+    row = out.strip().splitlines()[-1].replace("[", " ").replace("]", " ").replace(",", " ").split()
+    assert "bare/PyTorch" in out and row[0] == "2" and len(row) == 11 and all(float(x) > 0 for x in row[1:])
+    share, low, high = (float(x) for x in row[7:10])  # Pyro/bare [95% CI]: one round, a point interval
+    assert low <= share <= high
     out = run(monkeypatch, capsys, bench_svi, "--rounds", "1", "--per-round", "1", "--warmup", "0",
               "--threads", "1", "--whole-step", "--bare")
     line = out.strip().splitlines()[-1]
     assert line.startswith("whole demo step (L = M = 1)")
-    values = line.split(")", 1)[1].split()
-    assert len(values) == 6 and all(float(x) > 0 for x in values)
+    values = line.split(")", 1)[1].replace("[", " ").replace("]", " ").replace(",", " ").split()
+    assert len(values) == 8 and all(float(x) > 0 for x in values)
     out = run(monkeypatch, capsys, bench_particles, "--rounds", "1", "--per-round", "1", "--warmup", "0",
               "--particles", "1", "2", "--threads", "1")
     rows = [line.split() for line in out.strip().splitlines()[-2:]]
@@ -160,3 +162,11 @@ def test_regime_map_ii_reads_label_noise_controls_seed_ranges_and_levels(tmp_pat
     # a wider interval at a Bonferroni level
     wider = run(monkeypatch, capsys, regime_map, str(tmp_path), "--boot", "400", "--level", str(1 - 0.05 / 18))
     assert "99.72% CI" in wider
+
+
+def test_paired_ratio_is_the_median_per_round_ratio_with_an_interval_around_it():
+    from benchmarks.common import paired_ratio
+
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 2.0)  # load moves both sides alike
+    share, low, high = paired_ratio([1.0, 1.1, 1.2, 1.3, 1.4], [1.0] * 5)
+    assert share == pytest.approx(1.2) and 1.0 <= low <= share <= high <= 1.4

@@ -179,8 +179,9 @@ def test_no_mi_drops_only_the_mi_term():
 def test_site_shapes_with_vectorised_particles(prior, guide):
     L, M = 5, 3
     module, batch = make_module(L=L, M=M, prior=prior, guide=guide), make_batch()
-    module(batch, 1.0)
-    (model_trace,), (guide_trace,) = module.elbo.traces  # one vectorised run each, as Pyro ran them
+    args, kwargs = module.batch_args(batch, 1.0)
+    _, ((model_trace,), (guide_trace,)) = module.elbo.loss_and_sites(module.model, module.guide, *args, **kwargs)
+    # one vectorised run each, as Pyro ran them
 
     def log_prob(name):
         site = model_trace.nodes[name]

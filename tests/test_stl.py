@@ -107,7 +107,7 @@ def guide_gradients(kind, elbo, draws=200):
     model, guide, params = gaussian_programs(kind)
     rows = []
     for _ in range(draws):
-        rows.append(torch.stack(torch.autograd.grad(elbo.differentiable_loss(model, guide), params)))
+        rows.append(torch.stack(torch.autograd.grad(elbo.loss_and_sites(model, guide)[0], params)))
     return torch.stack(rows)
 
 

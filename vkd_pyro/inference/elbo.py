@@ -6,8 +6,10 @@ The loss is Pyro's own, through its public API: `Trace_ELBO` (`trace`, Monte Car
 al. 2017: `vkd_pyro.inference.stl`), with L particles vectorised, called as
 `elbo.differentiable_loss(model, guide, ...)`. :class:`RecordedELBO` hands Pyro the model and guide
 each run under an effect handler of its own (:class:`SampleSites`, Pyro's public way to write a
-handler) that keeps their sample sites, and reads the objective's terms off those sites, with no
-gradient and no read back to the host (:meth:`RecordedELBO.term_vector`).
+handler) that keeps their sample sites, returns them with the loss, and reads the objective's terms
+off those sites, with no gradient and no read back to the host (:meth:`RecordedELBO.term_vector`).
+The sites live as long as the step that holds them (kept past it, they held every step's
+distributions and draws until the next one: 2% of a step at L = M = 1, benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ from pyro.poutine.messenger import Messenger
 from vkd_pyro.inference.stl import PathDerivativeELBO
 from vkd_pyro.inference.terms import StepTerms, Term
 
+#: the sample sites of one loss: (model runs, guide runs), a :class:`SampleSites` each
+Sites = tuple[list, list]
+
 
 class RecordedELBO:
-    """A Pyro ELBO (`trace`, `meanfield` or `stl`, with L = `num_particles`) whose every loss also leaves
-    the sample sites its terms are read from.
+    """A Pyro ELBO (`trace`, `meanfield` or `stl`, with L = `num_particles`) whose every loss also
+    returns the sample sites its terms are read from.
 
-    `differentiable_loss(model, guide, *args, **kwargs)` is the estimator's own (its value and its
-    gradient); afterwards `traces` holds the (model, guide) sample sites of that loss
-    (:class:`SampleSites`, `.nodes` by name): one run each with vectorised particles, else one per
-    particle; :meth:`term_vector` reads the objective's terms off them.
+    :meth:`loss_and_sites` gives the estimator's own loss (its value and its gradient) and the
+    (model, guide) sample sites of that loss (:class:`SampleSites`, `.nodes` by name): one run each
+    with vectorised particles, else one per particle; :meth:`term_vector` reads the objective's terms
+    off them. Nothing is kept between calls: the sites hold the step's distributions and draws, which
+    the caller lets go with the step.
     """
 
     ESTIMATORS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "stl": PathDerivativeELBO}
@@ -42,38 +48,37 @@ class RecordedELBO:
                                                vectorize_particles=vectorize_particles and num_particles > 1,
                                                max_plate_nesting=1)
         self.num_particles = num_particles
-        self.traces: tuple[list, list] = ([], [])
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        model_traces, guide_traces = [], []
-        loss = self.estimator.differentiable_loss(_traced(model, model_traces), _traced(guide, guide_traces),
+    def loss_and_sites(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, Sites]:
+        """(the estimator's `differentiable_loss(model, guide, *args, **kwargs)`, the (model runs,
+        guide runs) sample sites it was computed from)."""
+        model_runs, guide_runs = [], []
+        loss = self.estimator.differentiable_loss(_traced(model, model_runs), _traced(guide, guide_runs),
                                                   *args, **kwargs)
-        self.traces = (model_traces, guide_traces)
-        return loss
+        return loss, (model_runs, guide_runs)
 
     @torch.no_grad()
-    def term_vector(self, terms: Sequence[Term], loss: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """The per-example `terms` of the last loss as one detached float32 tensor (len(terms),) on the
-        loss's device: each term's batch sum (the loss itself for a term without `batch_sum`; 0 where
+    def term_vector(self, terms: Sequence[Term], loss: torch.Tensor, sites: Sites, batch_size: int) -> torch.Tensor:
+        """The per-example `terms` of a loss and its `sites` (:meth:`loss_and_sites`) as one detached
+        float32 tensor (len(terms),) on the loss's device: each term's batch sum (the loss itself for a term without `batch_sum`; 0 where
         its sites are absent), averaged over the L particles, divided by `batch_size`.
 
         No value is read back to the host (no GPU synchronisation): a training loop accumulates these
         on the device and reads them when it chooses.
         """
-        loss = loss.detach().float()
         weight = 1.0 / self.num_particles
-        values = []
+        sums = []
         for term in terms:
             if term.batch_sum is None:
-                values.append(loss)
+                sums.append(loss)  # already the mean over the L particles
                 continue
             total = None
-            for model_sites, guide_sites in zip(*self.traces):
+            for model_sites, guide_sites in zip(*sites):
                 value = term.batch_sum(model_sites.nodes, guide_sites.nodes)
                 if value is not None:
                     total = value if total is None else total + value
-            values.append(loss.new_zeros(()) if total is None else total.detach().float() * weight)
-        return torch.stack(values) / batch_size
+            sums.append(loss.new_zeros(()) if total is None else total if weight == 1.0 else total * weight)
+        return torch.stack([value.float() for value in sums]) / batch_size
 
 
 def read_terms(terms: Sequence[Term], vector: torch.Tensor, beta: float) -> StepTerms:
@@ -95,12 +100,12 @@ class SampleSites(Messenger):
         self.nodes[msg["name"]] = msg
 
 
-def _traced(fn, traces: list):
-    """fn, each of whose runs also leaves its sample sites in `traces` (a :class:`SampleSites`)."""
+def _traced(fn, runs: list):
+    """fn, each of whose runs also leaves its sample sites in `runs` (a :class:`SampleSites`)."""
     def run(*args, **kwargs):
         with SampleSites() as sites:
             out = fn(*args, **kwargs)
-        traces.append(sites)
+        runs.append(sites)
         return out
 
     return run

@@ -27,7 +27,7 @@ def kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor:
     """The sum over the site's batch of KL(q || p), unscaled: analytic where registered, else
     log q(z) - log p(z) at the guide's draw.
 
-    Two diagonal Normals (the paper's pair) take the closed form of :func:`diagonal_normal_kl`
+    Two diagonal Normals (the paper's pair) take the closed form of :func:`diagonal_normal_kl_sum`
     directly on their parameters; with L vectorised particles Pyro broadcasts both to batch shape
     (L, B), and where their parameters are such broadcast views (stride 0) the KL is computed once
     on the shared (B, D) parameters and counted L times, instead of L times over.
@@ -36,7 +36,8 @@ def kl_sum(guide_site: dict, model_site: dict) -> torch.Tensor:
     qp, pp = normal_parameters(q), normal_parameters(p)
     if qp is not None and pp is not None and q.batch_shape == p.batch_shape:
         tensors, copies = _unbroadcast([*qp, *pp], len(q.batch_shape))
-        return diagonal_normal_kl(*tensors).sum() * copies
+        total = diagonal_normal_kl_sum(*tensors)
+        return total if copies == 1 else total * copies
     try:
         return kl_divergence(q, p).sum()
     except NotImplementedError:
@@ -77,6 +78,19 @@ def diagonal_normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
     return 0.5 * (ratio.square() + ((q_loc - p_loc) / p_scale).square() - 1) - ratio.log()
 
 
+def diagonal_normal_kl_sum(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
+    """The sum of :func:`diagonal_normal_kl` over all N elements, as a 0-d tensor:
+
+        1/2 (sum r^2 + sum ((m_q - m_p) / s_p)^2 - N) - sum log r,  r = s_q / s_p
+
+    with the two sums of squares as dot products (the term record's KL: fewer passes over the
+    elements than the per-dimension form and its sum). The four tensors have one shape."""
+    ratio = q_scale / p_scale
+    gap = (q_loc - p_loc).div_(p_scale).reshape(-1)
+    flat = ratio.reshape(-1)
+    return 0.5 * (torch.dot(flat, flat) + torch.dot(gap, gap) - flat.numel()) - flat.log().sum()
+
+
 def free_bits_kl_sum(q, p, free_bits: float = 0.0, prior_only: bool = False) -> torch.Tensor:
     """The KL term of a batch as the remedies count it, for two diagonal Normals q and p with
     KL_{b,d} their closed-form KL per record b and dimension d:
@@ -97,12 +111,12 @@ def free_bits_kl_sum(q, p, free_bits: float = 0.0, prior_only: bool = False) -> 
     return (batch * kl.mean(-2).clamp(min=free_bits).sum(-1)).sum()
 
 
-def explicit_kl_sum(traces: tuple[Sequence, Sequence], num_particles: int, kl: KLSum) -> torch.Tensor:
+def explicit_kl_sum(sites: tuple[Sequence, Sequence], num_particles: int, kl: KLSum) -> torch.Tensor:
     """An objective's explicit KL term for a batch: `kl(q, p)` at site "z" of each (model run,
     guide run) pair, summed, divided by the L particles (a vectorised run holds all L along a
     leading dimension; otherwise there are L runs). ValueError when site "z" is missing."""
     total = None
-    for model_sites, guide_sites in zip(*traces):
+    for model_sites, guide_sites in zip(*sites):
         if "z" not in model_sites.nodes or "z" not in guide_sites.nodes:
             raise ValueError('an explicit KL term needs a latent site "z" in model and guide')
         term = kl(guide_sites.nodes["z"]["fn"], model_sites.nodes["z"]["fn"])

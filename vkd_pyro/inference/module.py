@@ -66,10 +66,10 @@ class VKDModule(nn.Module):
         """
         explicit = self.kl is not None
         args, kwargs = self.batch_args(batch, 0.0 if explicit else beta)
-        loss = self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+        loss, sites = self.elbo.loss_and_sites(self.model, self.guide, *args, **kwargs)
         if explicit and beta > 0:
-            loss = loss + beta * explicit_kl_sum(self.elbo.traces, self.elbo.num_particles, self.kl)
-        vector = self.elbo.term_vector(self.terms, loss, batch.size)
+            loss = loss + beta * explicit_kl_sum(sites, self.elbo.num_particles, self.kl)
+        vector = self.elbo.term_vector(self.terms, loss, sites, batch.size)
         loss = loss / batch.size
         return (loss, vector) if not sync_terms else (loss, read_terms(self.terms, vector, beta))
 
