@@ -276,7 +276,13 @@ def finished(tmp_path_factory, cache):
     return folder
 
 
-def test_predict_csv_into_a_missing_folder_or_onto_a_folder(finished, tmp_path, capsys):
+def test_predict_csv_into_a_missing_folder_or_onto_a_folder(finished, tmp_path, capsys, monkeypatch):
+    from vkd_pyro.analysis.runs import Run
+
+    def never(*args, **kwargs):
+        raise AssertionError("predicted before the --csv target was checked")
+
+    monkeypatch.setattr(Run, "predict", never)  # refused before anything is predicted
     image = tmp_path / "x.png"
     Image.new("L", (32, 32), 128).save(image)
     missing = tmp_path / "missing" / "p.csv"

@@ -29,16 +29,24 @@ TEMPORARY_MARK = ".tmp"
 WRITE_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
-@contextmanager
-def atomic_path(path: os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside `path` to write; on success it replaces `path` (fsync, rename, fsync
-    of the folder). `suffix` ends the temporary name, for writers that choose a format by it
-    (matplotlib's savefig, numpy's save). A refused write raises OSError naming `path` (module docstring)."""
+def check_target(path: os.PathLike) -> Path:
+    """`path` as a Path, if a file can be written there: IsADirectoryError when it is a folder,
+    FileNotFoundError when its folder does not exist (each naming `path`). What :func:`atomic_path`
+    checks first; a command that computes before it writes (predict --csv) checks it up front."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, f"its folder {path.parent} does not exist", str(path))
+    return path
+
+
+@contextmanager
+def atomic_path(path: os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` to write; on success it replaces `path` (fsync, rename, fsync
+    of the folder). `suffix` ends the temporary name, for writers that choose a format by it
+    (matplotlib's savefig, numpy's save). A refused write raises OSError naming `path` (module docstring)."""
+    path = check_target(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_MARK}{suffix}")
     try:
         yield tmp

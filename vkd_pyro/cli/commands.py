@@ -19,7 +19,7 @@ from vkd_pyro.data.phantom import contact_sheet
 from vkd_pyro.data.prepare import prepare_data
 from vkd_pyro.data.registry import build_dataset
 from vkd_pyro.errors import ConfigError, UserError
-from vkd_pyro.files import atomic_path, write_json
+from vkd_pyro.files import atomic_path, check_target, write_json
 from vkd_pyro.objectives import objective_for
 from vkd_pyro.training.build import check_config
 from vkd_pyro.training.evaluate import local_predictors, report
@@ -77,6 +77,8 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     _positive(args.samples, "--samples")
     _positive(args.batch_size, "--batch-size")
+    if args.csv:
+        check_target(args.csv)  # before the predictions, not after them
     run = load_run(args.run, device=args.device, trust_code=args.trust_code)
     samples = args.samples or run.config.inference.test_samples
     batch = min(args.batch_size or run.config.train.eval_batch_size, len(expand_image_paths(args.images)))
