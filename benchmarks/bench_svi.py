@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -60,7 +59,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pyro.infer import Trace_ELBO  # noqa: E402
 
-from benchmarks.common import cached_batch, machine, paired_ratio, step_times, timing_parser, vkd_module  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cached_batch,
+    machine,
+    medians,
+    paired_ratio,
+    step_times,
+    timing_parser,
+    vkd_module,
+)
 from vkd_pyro.classes import NUM_CLASSES  # noqa: E402
 from vkd_pyro.config import load_config  # noqa: E402
 from vkd_pyro.data.batching import Batch  # noqa: E402
@@ -157,10 +164,6 @@ def bare_stepper(module, optimizer, batch, beta: float, particles: int):
 
 
 BARE_HEADER = f" {'bare ms':>8} {'Pyro/bare [95% CI]':>24} {'bare/PyTorch':>13}"
-
-
-def medians(times: dict) -> dict:
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bare_columns(times: dict) -> str:

@@ -91,9 +91,14 @@ def step_times(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, p
     return times
 
 
+def medians(times: dict) -> dict:
+    """The median of each function's rounds (:func:`step_times`)."""
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_step_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, per_round: int) -> dict:
     """Median wall time (ms) of one call of each function over the rounds of :func:`step_times`."""
-    return {name: statistics.median(values) for name, values in step_times(steps, warmup, rounds, per_round).items()}
+    return medians(step_times(steps, warmup, rounds, per_round))
 
 
 def paired_ratio(numerator: list, denominator: list, replicates: int = 2000, seed: int = 0) -> tuple:
