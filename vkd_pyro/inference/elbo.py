@@ -60,8 +60,9 @@ class RecordedELBO:
     @torch.no_grad()
     def term_vector(self, terms: Sequence[Term], loss: torch.Tensor, sites: Sites, batch_size: int) -> torch.Tensor:
         """The per-example `terms` of a loss and its `sites` (:meth:`loss_and_sites`) as one detached
-        float32 tensor (len(terms),) on the loss's device: each term's batch sum (the loss itself for a term without `batch_sum`; 0 where
-        its sites are absent), averaged over the L particles, divided by `batch_size`.
+        float32 tensor (len(terms),) on the loss's device: each term's batch sum (the loss itself for
+        a term without `batch_sum`; 0 where its sites are absent), averaged over the L particles,
+        divided by `batch_size`.
 
         No value is read back to the host (no GPU synchronisation): a training loop accumulates these
         on the device and reads them when it chooses.
