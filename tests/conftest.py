@@ -49,6 +49,15 @@ def _seeded():
     yield
 
 
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory):
+    """A finished one-epoch tiny run (tests.tiny_runs: 32 px, z_dim 16, data.split_seed 0), trained
+    once a session for the modules that read or copy it (`tests.tiny_runs.copy_run`); not to be edited."""
+    from tests.tiny_runs import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory, "objectives")
+
+
 @pytest.fixture(scope="module")
 def phantom_factory(tmp_path_factory):
     """A function that builds a fresh 300-report openi_phantom dataset at 16 px (one cache per module)."""

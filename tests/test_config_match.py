@@ -8,7 +8,6 @@ estimated before it is allocated and refused in one line when it cannot fit (ava
 monkeypatched). One tiny run is trained once; each case edits a copy of its folder.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 import vkd_pyro.training.memory as memory
 from tests.test_run_folder import cli, one_line, snapshot
-from tests.tiny_runs import tiny_overrides, train_tiny_run, write_config_file
+from tests.tiny_runs import copy_run, tiny_overrides, write_config_file
 from vkd_pyro import load_run
 from vkd_pyro.config import config_from_dict
 from vkd_pyro.errors import UserError
@@ -32,17 +31,9 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch tiny run (32 px, z_dim 16, data.split_seed 0)."""
-    return train_tiny_run(tmp_path_factory, "config-match")
-
-
 @pytest.fixture
-def run(tmp_path, trained):
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+def run(tmp_path, tiny_trained_run):
+    return copy_run(tiny_trained_run, tmp_path)
 
 
 @pytest.fixture
@@ -107,8 +98,8 @@ def test_a_key_only_one_side_holds_is_not_compared():
 # --------------------------------------------------------------------------- readers of checkpoint.pt
 
 
-def test_checkpoint_holds_the_resolved_config_it_was_trained_with(trained):
-    config = torch.load(trained / "checkpoint.pt", weights_only=True)["config"]
+def test_checkpoint_holds_the_resolved_config_it_was_trained_with(tiny_trained_run):
+    config = torch.load(tiny_trained_run / "checkpoint.pt", weights_only=True)["config"]
     expected = config_from_dict({}, "tiny", tiny_overrides()).to_dict()
     assert config["data"]["split_seed"] == 0 and config["model"]["z_dim"] == 16
     assert config_differences(config, expected) == []  # every key, defaults included

@@ -11,7 +11,6 @@ lock file belongs to no run).
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 from tests.test_run_folder import snapshot
-from tests.tiny_runs import train_tiny_run
+from tests.tiny_runs import copy_run
 from vkd_pyro.cli import main
 from vkd_pyro.training.run_folder import RUN_FILE
 
@@ -29,17 +28,9 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch tiny run."""
-    return train_tiny_run(tmp_path_factory, "objectives")
-
-
 @pytest.fixture
-def run(tmp_path, trained):
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+def run(tmp_path, tiny_trained_run):
+    return copy_run(tiny_trained_run, tmp_path)
 
 
 def resume(run: Path, capsys, *overrides) -> tuple[int, str, str]:

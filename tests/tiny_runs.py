@@ -59,3 +59,12 @@ def train_tiny_run(tmp_path_factory, name: str) -> Path:
     folder = tmp_path_factory.mktemp("trained") / "run"
     fit(config_from_dict({}, "tiny", tiny_overrides() + [f"cache_dir={cache}"]), folder, progress=False)
     return folder
+
+
+def copy_run(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a trained run's folder as `tmp_path`/run, for a test to edit."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(folder, copy)
+    return copy
